@@ -1,0 +1,32 @@
+"""Shared fixtures: the real XQuAD-R files, one tiny random BERT with the real tokenizer shape."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+XQUAD_R_DIR = REPO_ROOT.parent / "shared" / "data" / "xquad-r"
+
+
+@pytest.fixture(scope="session")
+def xquad_r_dir() -> Path:
+    if not (XQUAD_R_DIR / "en.json").exists():
+        pytest.skip(f"XQuAD-R not found at {XQUAD_R_DIR}")
+    return XQUAD_R_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny randomly initialised BERT (hidden 32, 2 layers) saved as an HF directory with a
+    small word-level tokenizer built offline; loads like any model path."""
+    from tests.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
