@@ -1,0 +1,128 @@
+"""BiEncoder: one shared Hugging Face encoder for queries and passages.
+
+Pooling (mean or CLS), L2 normalisation and the E5-style `query: ` / `passage: ` prefixes are
+configurable. `save()` writes a directory that `transformers.AutoModel` and
+`sentence_transformers.SentenceTransformer` both load directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, AutoTokenizer
+
+from raysys.errors import ConfigError
+
+
+@dataclass
+class EncoderSettings:
+    pooling: str = "mean"
+    normalize: bool = True
+    query_prefix: str = "query: "
+    passage_prefix: str = "passage: "
+    max_query_length: int = 64
+    max_passage_length: int = 128
+
+
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+
+
+class BiEncoder(nn.Module):
+    def __init__(self, backbone: nn.Module, tokenizer, settings: EncoderSettings):
+        super().__init__()
+        self.backbone, self.tokenizer, self.settings = backbone, tokenizer, settings
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, settings: EncoderSettings | None = None,
+                        torch_dtype: torch.dtype | None = None) -> "BiEncoder":
+        from raysys.model.default import resolve_model_path
+
+        path = resolve_model_path(name_or_path)
+        if os.sep in str(path) and not Path(path).exists():
+            raise ConfigError(f"model path {path!r} does not exist (give a local model directory, a hub id, "
+                              "or 'default' for the embedded multilingual-e5-small)")
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backbone = AutoModel.from_pretrained(path, dtype=torch_dtype) if torch_dtype else AutoModel.from_pretrained(path)
+        vocab = getattr(backbone.config, "vocab_size", None)
+        if vocab is not None and len(tokenizer) > vocab:
+            raise ConfigError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
+                              f"{vocab}; the tokenizer does not belong to this model")
+        return cls(backbone, tokenizer, settings or _settings_from_dir(path))
+
+    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+        s = self.settings
+        prefix, max_len = ((s.query_prefix, s.max_query_length) if kind == "query"
+                           else (s.passage_prefix, s.max_passage_length))
+        return self.tokenizer([prefix + t for t in texts], padding=True, truncation=True,
+                              max_length=max_len, return_tensors="pt")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        emb = pool(hidden, attention_mask, self.settings.pooling)
+        return F.normalize(emb, p=2, dim=-1) if self.settings.normalize else emb
+
+    def encode_texts(self, texts: list[str], kind: str) -> torch.Tensor:
+        batch = self.tokenize(texts, kind)
+        device = next(self.parameters()).device
+        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+
+    def save(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
+        """Write an HF + sentence-transformers directory atomically (temp dir, then rename)."""
+        return save_encoder_dir(self.backbone, self.tokenizer, self.settings, Path(out_dir), state_dict)
+
+
+def save_encoder_dir(backbone, tokenizer, settings: EncoderSettings, out_dir: Path,
+                     state_dict: dict | None = None) -> Path:
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.save_pretrained(tmp, state_dict=state_dict)
+    tokenizer.save_pretrained(tmp)
+    dim = backbone.config.hidden_size
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if settings.normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (tmp / "2_Normalize").mkdir(exist_ok=True)
+    (tmp / "1_Pooling").mkdir(exist_ok=True)
+    _write_json(tmp / "modules.json", modules)
+    _write_json(tmp / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": dim, "pooling_mode_cls_token": settings.pooling == "cls",
+        "pooling_mode_mean_tokens": settings.pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False})
+    _write_json(tmp / "sentence_bert_config.json", {"max_seq_length": settings.max_passage_length,
+                                                     "do_lower_case": False})
+    _write_json(tmp / "config_sentence_transformers.json", {
+        "prompts": {"query": settings.query_prefix, "passage": settings.passage_prefix},
+        "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    _write_json(tmp / "raysys_encoder.json", settings.__dict__)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _settings_from_dir(path: str) -> EncoderSettings:
+    """Recover pooling/prefixes saved by raysys or sentence-transformers; defaults otherwise."""
+    p = Path(path)
+    if (p / "raysys_encoder.json").exists():
+        return EncoderSettings(**json.loads((p / "raysys_encoder.json").read_text()))
+    settings = EncoderSettings()
+    pooling_cfg = p / "1_Pooling" / "config.json"
+    if pooling_cfg.exists() and json.loads(pooling_cfg.read_text()).get("pooling_mode_cls_token"):
+        settings.pooling = "cls"
+    return settings
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2), encoding="utf-8")

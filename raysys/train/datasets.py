@@ -1,0 +1,139 @@
+"""Driver side of the training data: files -> split Ray Datasets + the facts every worker needs.
+
+The driver never holds a large corpus: LAReQA directories are small JSON files, and JSONL /
+Parquet inputs stay lazy Ray Datasets that are split by a hash of their group key. Statistics
+(languages, ids per language) are computed by streaming only the `id` and `lang` columns.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import ray.data
+
+from raysys.config import Config
+from raysys.data.prepare import resolve_dataset
+from raysys.data.split import split_groups, split_table
+from raysys.errors import ConfigError, DataError
+
+
+@dataclass
+class DataFacts:
+    """What every worker must agree on before the first step."""
+    languages: list[str]
+    ids_per_language: dict[str, int]
+    multilingual_ids: int
+    total_ids: int
+    has_hard_negatives: bool
+    num_rows: int
+
+
+def is_lareqa_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(p.glob("*.json")) and not any(p.glob("*.jsonl")) and not any(p.glob("*.parquet"))
+
+
+def load_split_datasets(config: Config) -> dict[str, ray.data.Dataset]:
+    """{'train': ..., 'validation': ...} as Ray Datasets of PAIR_SCHEMA rows, split by group."""
+    data = config.data
+    location = str(resolve_dataset(data.train, data.source_dir))
+    if is_lareqa_dir(location):
+        from raysys.data.lareqa import read_lareqa_dir
+
+        corpus = read_lareqa_dir(location, data.languages)
+        groups = list(dict.fromkeys(corpus.pairs.column("group").to_pylist()))
+        tables = split_table(corpus.pairs, split_groups(groups, data.validation_fraction, data.test_fraction))
+        return {name: ray.data.from_arrow(tables[name]) for name in ("train", "validation")
+                if tables[name].num_rows}
+    from raysys.data.files import read_pairs
+
+    ds = read_pairs(location)
+    if data.languages:
+        wanted = set(data.languages)
+        ds = ds.filter(lambda row: row["lang"] in wanted)
+    return _hash_split(ds, data.validation_fraction, data.test_fraction)
+
+
+def _hash_split(ds: ray.data.Dataset, validation_fraction: float, test_fraction: float) -> dict[str, ray.data.Dataset]:
+    """Group-wise split of a lazy dataset: a stable hash of the group decides its split."""
+
+    def bucket(batch: pa.Table) -> pa.Table:
+        u = np.array([int.from_bytes(hashlib.blake2b(g.encode(), digest_size=8).digest(), "little") / 2**64
+                      for g in batch.column("group").to_pylist()])
+        name = np.where(u < test_fraction, "test", np.where(u < test_fraction + validation_fraction,
+                                                            "validation", "train"))
+        return batch.append_column("split", pa.array(name))
+
+    tagged = ds.map_batches(bucket, batch_format="pyarrow")
+    out = {}
+    for name in ("train", "validation"):
+        part = tagged.filter(lambda row, n=name: row["split"] == n).drop_columns(["split"])
+        out[name] = part
+    return out
+
+
+def compute_facts(ds: ray.data.Dataset, config: Config, source: str = "train data") -> DataFacts:
+    """Stream id/lang/hard_negative columns once and check the data can fill hybrid batches."""
+    langs_of: dict[str, set[str]] = defaultdict(set)
+    rows, negatives_missing = 0, 0
+    for batch in ds.select_columns(["id", "lang", "hard_negative"]).iter_batches(batch_format="pyarrow",
+                                                                                 batch_size=65536):
+        rows += batch.num_rows
+        negatives_missing += batch.column("hard_negative").null_count
+        for pid, lang in zip(batch.column("id").to_pylist(), batch.column("lang").to_pylist()):
+            langs_of[pid].add(lang)
+    if rows == 0:
+        raise DataError("no training pairs (check data.train, data.languages and the split fractions)",
+                        file=source)
+    per_lang = Counter(lang for langs in langs_of.values() for lang in langs)
+    facts = DataFacts(languages=sorted(per_lang), ids_per_language=dict(sorted(per_lang.items())),
+                      multilingual_ids=sum(len(v) >= 2 for v in langs_of.values()), total_ids=len(langs_of),
+                      has_hard_negatives=negatives_missing == 0, num_rows=rows)
+    check_batch_capacity(facts, config)
+    return facts
+
+
+def check_batch_capacity(facts: DataFacts, config: Config) -> None:
+    t, need = config.train, config.train.global_batch_size
+    # Each worker draws from its own shard, so leave headroom for uneven hash shards.
+    if t.alpha > 0:
+        for lang, n in facts.ids_per_language.items():
+            if n < need:
+                raise ConfigError(f"train.global_batch_size={need} but language '{lang}' has only {n} parallel ids; "
+                                  "a monolingual batch needs one distinct id per pair (lower the batch size "
+                                  "or drop the language via data.languages)")
+    if t.alpha < 1:
+        if facts.multilingual_ids < need:
+            raise ConfigError(f"train.global_batch_size={need} but only {facts.multilingual_ids} parallel ids exist "
+                              "in two or more languages; cross-lingual batches (alpha < 1) need that many")
+        if len(facts.languages) < 2:
+            raise ConfigError(f"cross-lingual batches (train.alpha={t.alpha} < 1) need at least two languages; "
+                              f"the data has {facts.languages}")
+
+
+def rows_for_rank(iterator, rank: int, world_size: int) -> pa.Table:
+    """Collect this worker's shard from a Ray Data iterator: the rows whose parallel id hashes to it.
+
+    Sharding by id (not by block) keeps all language versions of an id on one worker, which is
+    what makes cross-lingual pairs local and a global batch free of duplicate ids; it is also
+    deterministic, unlike streaming_split's timing-dependent block assignment, so a resumed or
+    repeated run sees the same shards.
+    """
+    from raysys.data.hybrid import shard_of
+
+    parts = []
+    for batch in iterator.iter_batches(batch_format="pyarrow", batch_size=8192):
+        mask = pa.array([shard_of(pid, world_size) == rank for pid in batch.column("id").to_pylist()])
+        parts.append(batch.filter(mask))
+    if not parts:
+        raise DataError(f"worker {rank} received no rows")
+    return pa.concat_tables(parts)
+
+
+def facts_to_dict(facts: DataFacts) -> dict:
+    return asdict(facts)

@@ -1,0 +1,49 @@
+"""InfoNCE over in-batch negatives, with candidates gathered across workers.
+
+Follows sentence-transformers' MultipleNegativesRankingLoss with `gather_across_devices`:
+only the candidate side is gathered, differentiably, and labels are offset by
+rank x local batch, so every query sees the global batch as negatives. With W workers each
+computing the mean over its local queries, DeepSpeed's gradient averaging gives exactly the
+gradient of the single-process loss on the concatenated batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
+    """All-gather along dim 0, keeping the autograd graph (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(t.contiguous()), dim=0)
+
+
+def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives: torch.Tensor | None = None,
+                  *, temperature: float = 0.05, symmetric: bool = False,
+                  gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (loss, in-batch accuracy) for this worker's queries.
+
+    Candidates: all workers' positives, then all workers' hard negatives (if any). Query i of
+    rank r has its positive at column r * B + i.
+    """
+    batch = queries.size(0)
+    rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
+    all_passages = gather_with_grad(passages) if gather else passages
+    candidates = [all_passages]
+    if hard_negatives is not None:
+        candidates.append(gather_with_grad(hard_negatives) if gather else hard_negatives)
+    scores = queries @ torch.cat(candidates).T / temperature
+    labels = torch.arange(batch, device=queries.device) + rank * batch
+    loss = F.cross_entropy(scores, labels)
+    if symmetric:
+        # Passage -> query: this worker's passages against all workers' queries.
+        all_queries = gather_with_grad(queries) if gather else queries
+        backward_scores = passages @ all_queries.T / temperature
+        loss = (loss + F.cross_entropy(backward_scores, labels)) / 2
+    accuracy = (scores.argmax(dim=1) == labels).float().mean()
+    return loss, accuracy.detach()

@@ -1,0 +1,81 @@
+"""Driver: build the TorchTrainer (scaling, run, checkpoint and failure configs) and fit it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from raysys.config import Config
+from raysys.model.default import resolve_model_path
+from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
+from raysys.train.loop import EXPORT_DIR, STATE_FILE, train_loop_per_worker
+
+# Environment every worker needs: CPU DeepSpeed without MPI discovery or JIT builds, offline HF.
+WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+
+
+@dataclass
+class TrainOutcome:
+    checkpoint_path: str  # the final checkpoint (DeepSpeed shards + state + exported model)
+    model_path: str  # the exported HF / sentence-transformers directory
+    metrics: dict
+    run_path: str
+
+
+def ensure_ray(num_cpus: int | None = None) -> None:
+    """Connect to a cluster when RAY_ADDRESS is set (ray job submit), else start local Ray."""
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV)
+    if os.environ.get("RAYSYS_GPU_ENV"):
+        env.pop("DS_ACCELERATOR")
+    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False,
+             log_to_driver=True, ignore_reinit_error=True)
+
+
+def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrainer:
+    t = config.train
+    datasets = load_split_datasets(config)
+    facts = facts_to_dict(compute_facts(datasets["train"], config, source=config.data.train))
+    facts["splits"] = sorted(datasets)
+    model_path = resolve_model_path(config.model.name_or_path)  # build the default model once, here
+    storage = t.storage_path or str(Path(config.output_dir, "ray").resolve())
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": str(model_path),
+                           "resume_from": t.resume_from},
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=config.name, storage_path=storage, callbacks=callbacks,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
+                                               checkpoint_score_order="min"),
+            failure_config=FailureConfig(max_failures=t.max_failures)),
+        datasets=datasets,
+        # Every worker streams the whole dataset and keeps the parallel ids that hash to it
+        # (see raysys.train.datasets.rows_for_rank): deterministic, language versions together.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+    )
+
+
+def train(config: Config, *, callbacks: list | None = None) -> TrainOutcome:
+    ensure_ray()
+    result = build_trainer(config, callbacks=callbacks).fit()
+    if result.error:
+        raise result.error
+    checkpoint_path = result.checkpoint.path
+    return TrainOutcome(checkpoint_path=checkpoint_path, model_path=str(Path(checkpoint_path) / EXPORT_DIR),
+                        metrics=dict(result.metrics or {}), run_path=result.path)
+
+
+def find_state(checkpoint_dir: str | os.PathLike) -> Path:
+    return Path(checkpoint_dir) / STATE_FILE

@@ -1,0 +1,83 @@
+"""InfoNCE with cross-worker negatives: 2 gloo processes must equal one process on the whole batch."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from raysys.train.loss import info_nce_loss
+
+BATCH, DIM, WORLD = 6, 16, 2
+
+
+def make_inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(BATCH * WORLD, DIM, generator=g)
+    p = q + 0.5 * torch.randn(BATCH * WORLD, DIM, generator=g)
+    n = torch.randn(BATCH * WORLD, DIM, generator=g)
+    return q, p, n
+
+
+def encoder(seed=1):
+    torch.manual_seed(seed)
+    return torch.nn.Linear(DIM, DIM)
+
+
+def embed(model, x):
+    return F.normalize(model(x), dim=-1)
+
+
+def single_process(hard_negatives: bool, symmetric: bool):
+    q, p, n = make_inputs()
+    model = encoder()
+    loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
+                            temperature=0.05, symmetric=symmetric, gather=False)
+    loss.backward()
+    return loss.item(), model.weight.grad.clone()
+
+
+def _worker(rank, port, hard_negatives, symmetric, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    q, p, n = (t[rank * BATCH:(rank + 1) * BATCH] for t in make_inputs())
+    model = encoder()
+    loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
+                            temperature=0.05, symmetric=symmetric)
+    loss.backward()
+    grad = model.weight.grad.clone()
+    dist.all_reduce(grad)  # what DeepSpeed/DDP do: average gradients over workers
+    total = torch.tensor([loss.item()])
+    dist.all_reduce(total)
+    out[rank] = ((total / WORLD).item(), grad / WORLD)
+    dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("hard_negatives,symmetric", [(False, False), (True, False), (True, True)])
+def test_two_workers_equal_one_process_on_the_concatenated_batch(hard_negatives, symmetric):
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_worker, args=(free_port(), hard_negatives, symmetric, out), nprocs=WORLD, join=True)
+    ref_loss, ref_grad = single_process(hard_negatives, symmetric)
+    for rank in range(WORLD):
+        loss, grad = out[rank]
+        assert loss == pytest.approx(ref_loss, rel=1e-5)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_hard_negatives_are_negatives_not_targets():
+    # A hard negative identical to its query must raise the loss, not lower it.
+    q = F.normalize(torch.randn(4, DIM), dim=-1)
+    p = F.normalize(q + 0.3 * torch.randn(4, DIM), dim=-1)
+    base, _ = info_nce_loss(q, p, F.normalize(torch.randn(4, DIM), dim=-1), gather=False)
+    confusing, _ = info_nce_loss(q, p, q.clone(), gather=False)
+    assert confusing > base
