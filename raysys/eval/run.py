@@ -1,0 +1,131 @@
+"""Evaluation driver: model + datasets -> embeddings (Ray Data actors) -> FAISS -> metrics.
+
+A LAReQA dataset is a known name ("xquad-r", "mlqa-r") or a LAReQA directory; a MIRACL-style
+dataset is `miracl:<dir>` with `<dir>/<lang>/{topics.tsv,qrels.tsv,corpus.jsonl}`.
+Embeddings are cached per (model, dataset, split), so an interrupted evaluation resumes
+without re-encoding finished shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from raysys.config import Config
+from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
+from raysys.data.prepare import resolve_dataset
+from raysys.data.split import split_groups
+from raysys.errors import ConfigError
+from raysys.eval.encode import encode_texts
+from raysys.eval.lareqa import evaluate_lareqa
+from raysys.model.default import resolve_model_path
+from raysys.model.encoder import EncoderSettings
+
+
+def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSettings:
+    m = config.model
+    length = max_length or config.eval.max_length
+    return EncoderSettings(pooling=m.pooling, normalize=m.normalize, query_prefix=m.query_prefix,
+                           passage_prefix=m.passage_prefix, max_query_length=length, max_passage_length=length)
+
+
+def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
+    """The dataset's articles selected by eval.split (the same group split training uses)."""
+    corpus = read_lareqa_dir(resolve_dataset(name, config.data.source_dir), config.data.languages)
+    if config.eval.split == "all":
+        return corpus
+    splits = split_groups(corpus.groups, config.data.validation_fraction, config.data.test_fraction)
+    return corpus.subset(splits[config.eval.split])
+
+
+def _cache_key(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(model_path: str) -> str:
+    """Identity of a local model directory: its weights' sizes and mtimes (cheap), else the name."""
+    p = Path(model_path)
+    if not p.is_dir():
+        return model_path
+    files = sorted(p.glob("*.safetensors")) + sorted(p.glob("*.bin"))
+    return model_path + "|" + "|".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+
+
+def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir: Path,
+                            progress: bool = True) -> dict:
+    corpus = load_eval_corpus(name, config)
+    settings = encoder_settings(config)
+    e = config.eval
+    texts_q = corpus.questions.column("text").to_pylist()
+    texts_c = corpus.candidates.column("text").to_pylist()
+    key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), name,
+                     e.split, str(len(texts_q)), str(len(texts_c)))
+    emb_dir = work_dir / "embeddings" / f"{Path(str(name)).name}-{key}"
+    common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
+                  num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
+                  progress=progress)
+    q_emb = encode_texts(texts_q, "query", name="queries", **common)
+    c_emb = encode_texts(texts_c, "passage", name="candidates", **common)
+    return evaluate_lareqa(corpus, q_emb, c_emb, num_shards=e.num_shards, top_k=e.top_k)
+
+
+def _encoder_threads(e) -> int:
+    """Split the machine's cores between the encoder actors (oversubscription is the big risk)."""
+    return max(1, (os.cpu_count() or 1) // max(1, e.num_encoders))
+
+
+def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
+                            progress: bool = True) -> dict:
+    from raysys.eval.index import ShardedIndex
+    from raysys.eval.miracl import check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run
+
+    settings = encoder_settings(config)
+    e = config.eval
+    out = {"per_language": {}}
+    langs = sorted(d.name for d in root.iterdir() if (d / "topics.tsv").exists())
+    if not langs:
+        raise ConfigError(f"{root}: no <lang>/topics.tsv found (expected topics.tsv, qrels.tsv, corpus.jsonl per language)")
+    for lang in langs:
+        topics, qrels = read_topics(root / lang / "topics.tsv"), read_qrels(root / lang / "qrels.tsv")
+        corpus = read_corpus(root / lang / "corpus.jsonl")
+        check_qrels_against_corpus(qrels, set(corpus), root / lang / "qrels.tsv")
+        docids, qids = list(corpus), list(topics)
+        key = _cache_key(_model_fingerprint(model_path), str(root), lang, str(len(docids)), str(len(qids)))
+        common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
+                      batch_tokens=e.batch_tokens, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
+                      threads=_encoder_threads(e), progress=progress)
+        d_emb = encode_texts([corpus[d] for d in docids], "passage", name="corpus", **common)
+        q_emb = encode_texts([topics[q] for q in qids], "query", name="topics", **common)
+        index = ShardedIndex(d_emb, num_shards=e.num_shards)
+        _, top = index.search(q_emb, min(max(100, e.top_k), len(docids)))
+        run = {q: [docids[i] for i in row if i >= 0] for q, row in zip(qids, top)}
+        out["per_language"][lang] = score_run(run, qrels)["mean"]
+    metrics = sorted(next(iter(out["per_language"].values())))
+    out["summary"] = {m: float(np.mean([v[m] for v in out["per_language"].values()])) for m in metrics}
+    return out
+
+
+def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os.PathLike,
+             progress: bool = True) -> dict[str, dict]:
+    """{dataset: result} for a model (name, hub id, HF directory, or training checkpoint)."""
+    model_path = resolve_model_path(_model_dir_of(model))
+    work = Path(work_dir)
+    results = {}
+    for name in datasets:
+        if str(name).startswith("miracl:"):
+            results[name] = evaluate_miracl_dataset(model_path, Path(name.split(":", 1)[1]), config, work, progress)
+        else:
+            results[name] = evaluate_lareqa_dataset(model_path, name, config, work, progress)
+    return results
+
+
+def _model_dir_of(model: str) -> str:
+    """A training checkpoint directory holds its exported model in `hf_model/`."""
+    from raysys.train.loop import EXPORT_DIR
+
+    p = Path(model)
+    return str(p / EXPORT_DIR) if (p / EXPORT_DIR).is_dir() else model
