@@ -30,3 +30,17 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from tests.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray session for the suite. More logical CPUs than cores: training workers take
+    0.5 each and Ray Data still needs CPUs to stream their shards (else it can hang on 2 cores)."""
+    import ray
+
+    from raysys.train.run import WORKER_ENV
+
+    ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -60,7 +60,8 @@ class ParallelItems:
     """A worker's parallel items: for each id, its language versions (query, passage, negative)."""
 
     def __init__(self, table: pa.Table):
-        table = table.sort_by([("id", "ascending"), ("lang", "ascending")])
+        wanted = [c for c in ("id", "lang", "query", "passage", "hard_negative") if c in table.column_names]
+        table = table.select(wanted).sort_by([("id", "ascending"), ("lang", "ascending")])
         cols = table.to_pydict()
         self.queries, self.passages = cols["query"], cols["passage"]
         self.negatives = cols.get("hard_negative") or [None] * len(self.queries)

@@ -28,6 +28,9 @@ from raysys.train.loss import info_nce_loss
 STATE_FILE = "raysys_state.json"
 DS_TAG = "ds"
 EXPORT_DIR = "hf_model"
+PROBE_FILE = "probe_embeddings.json"
+# Embedded by the in-training engine at export, so the exported model can be checked against it.
+PROBE_TEXTS = ["Where is the Eiffel Tower?", "Wo steht der Eiffelturm?", "埃菲尔铁塔在哪里？"]
 VALIDATION_ALPHA = 0.5  # a fixed mix, so validation losses are comparable across swept alphas
 
 
@@ -63,12 +66,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- resume: same schedule position, same optimizer and LR-scheduler state -------------
     global_step, best_val = 0, float("inf")
+    history: dict[str, list] = {"loss": [], "batch": []}  # per step, kept in every checkpoint
     checkpoint = ray.train.get_checkpoint() or _checkpoint_from_path(loop_config.get("resume_from"))
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
             state = _read_state(Path(ckpt_dir))
             engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
         global_step, best_val = state["global_step"], state.get("best_val_loss", float("inf"))
+        history = state.get("history", history)
 
     # ---- steps --------------------------------------------------------------------------------
     start_epoch = global_step // steps_per_epoch if steps_per_epoch else 0
@@ -78,6 +83,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             break
         for step, batch in batcher.epoch(epoch, steps_per_epoch, start_step=global_step - epoch * steps_per_epoch):
             engine.train()
+            # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
+            torch.manual_seed(config.seed * 1_000_003 + global_step * 1_009 + rank)
             q = engine.module.tokenize(batch.queries, "query")
             p = engine.module.tokenize(batch.passages, "passage")
             q_emb = engine(q["input_ids"], q["attention_mask"])
@@ -94,7 +101,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             kinds[batch.plan.kind] += 1
             pairs_done += len(batch.queries) * world
 
-            metrics = {"step": global_step, "epoch": epoch, "loss": _mean_over_ranks(loss.item()),
+            history["loss"].append(_mean_over_ranks(loss.item()))
+            history["batch"].append(_digest(batch.ids, batch.query_langs, batch.passage_langs))
+            metrics = {"step": global_step, "epoch": epoch, "loss": history["loss"][-1],
                        "train_accuracy": accuracy.item(), "lr": engine.get_lr()[0],
                        "mono_steps": kinds[MONO], "cross_steps": kinds["cross"]}
             last = global_step >= total_steps
@@ -109,7 +118,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     _print_progress(metrics, total_steps)
             if global_step % t.checkpoint_every == 0 or last:
                 metrics.setdefault("val_loss", best_val if validation else metrics["loss"])
-                _save_and_report(engine, config, metrics, global_step, best_val, export=last)
+                _save_and_report(engine, config, metrics, global_step, best_val, history, export=last)
             elif global_step % t.log_every == 0:
                 ray.train.report(metrics)
             if last:
@@ -158,18 +167,30 @@ def _validate(engine, batches: list, t) -> dict:
 
 
 def _save_and_report(engine, config: Config, metrics: dict, global_step: int, best_val: float,
-                     export: bool) -> None:
+                     history: dict, export: bool) -> None:
     rank = ray.train.get_context().get_world_rank()
     with tempfile.TemporaryDirectory(prefix="raysys-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=DS_TAG)  # every rank writes its own ZeRO shard
         if rank == 0:
             state = {"global_step": global_step, "best_val_loss": best_val, "seed": config.seed,
-                     "config": config.to_dict(), "metrics": metrics}
+                     "config": config.to_dict(), "metrics": metrics, "history": history}
             _write_json_atomic(Path(tmp) / STATE_FILE, state)
         if export:
+            probe = _probe_embeddings(engine)  # all ranks: a ZeRO-3 forward needs every shard
+            if rank == 0:
+                _write_json_atomic(Path(tmp) / PROBE_FILE, {"texts": PROBE_TEXTS, "embeddings": probe})
             export_hf_model(engine, Path(tmp) / EXPORT_DIR, rank)
         dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+@torch.no_grad()
+def _probe_embeddings(engine) -> list[list[float]]:
+    engine.eval()
+    batch = engine.module.tokenize(PROBE_TEXTS, "query")
+    embeddings = engine(batch["input_ids"], batch["attention_mask"]).float().cpu().tolist()
+    engine.train()
+    return embeddings
 
 
 def export_hf_model(engine, out_dir: Path, rank: int) -> None:
@@ -201,6 +222,8 @@ def latest_checkpoint_dir(path: Path) -> Path:
         return path
     candidates = []
     for child in path.glob("checkpoint_*"):
+        if not child.is_dir():
+            continue
         try:
             candidates.append((_read_state(child)["global_step"], child))
         except Exception:  # an incomplete checkpoint (crash mid-write) is skipped, not fatal
@@ -228,6 +251,13 @@ def _write_json_atomic(path: Path, obj) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _digest(*columns: list[str]) -> str:
+    """A short fingerprint of this rank's batch (ids and languages), to compare runs step by step."""
+    import hashlib
+
+    return hashlib.blake2b("\x1f".join("|".join(c) for c in columns).encode(), digest_size=8).hexdigest()
 
 
 def _all_reduce_min(value: int) -> int:

@@ -1,0 +1,8 @@
+"""Entry point for `ray job submit -- python jobs/evaluate.py --config CONFIG [section.key=value ...]`."""
+
+import sys
+
+from raysys.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["eval", *sys.argv[1:]]))
