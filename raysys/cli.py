@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -54,10 +55,10 @@ def cmd_eval(args) -> None:
         runs[label] = evaluate(model, args.datasets or config.eval.datasets, config, out_dir)
         paths = write_report(runs[label], out_dir / label, title=f"{label} ({model})")
         print(format_summary_table(runs[label]))
-        print(f"report: {paths.get('summary', out_dir / label)}")
+        print(f"report: {paths['summary.md']}")
     if len(runs) > 1:
         paths = write_comparison(runs, out_dir / "comparison")
-        print(Path(paths["markdown"]).read_text() if "markdown" in paths else paths)
+        print(paths["comparison.md"].read_text())
 
 
 def _label(spec: str) -> tuple[str, str]:
@@ -133,6 +134,7 @@ def find_user_error(exc: BaseException) -> RaysysError | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bars say enough
     args = build_parser().parse_args(argv)
     if args.command == "prepare" and args.dataset is None:
         args.dataset = ["xquad-r"]

@@ -52,7 +52,7 @@ class ModelConfig:
 class TrainConfig:
     alpha: float = 0.5  # probability that a step's global batch is monolingual
     global_batch_size: int = 16  # pairs per optimizer step over all workers
-    epochs: int = 1
+    epochs: int = 2
     max_steps: int | None = 60  # stop after this many optimizer steps (None: full epochs)
     lr: float = 3e-5
     weight_decay: float = 0.01
@@ -66,10 +66,12 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
     num_workers: int = 2
     use_gpu: bool = False
-    cpus_per_worker: float = 1.0
+    # Ray CPUs reserved per worker; fractional leaves room for Ray Data to stream shards on small hosts.
+    cpus_per_worker: float = 0.5
     torch_threads: int = 1  # per worker; oversubscription is the worst slowdown on small hosts
     checkpoint_every: int = 30  # steps; a checkpoint is also written at the end
     eval_every: int = 30  # steps between validation-loss evaluations
+    val_retrieval: bool = False  # also validation mAP (mono/cross/multi) on the validation pairs
     keep_checkpoints: int = 2  # best K by validation loss
     log_every: int = 5
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint

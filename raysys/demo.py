@@ -49,7 +49,7 @@ def run_demo(config: Config, quick: bool = False) -> dict:
     write_report(after, out / "eval" / "trained", title=label)
     paths = write_comparison({"untrained": before, label: after}, out / "eval" / "comparison",
                              baseline="untrained")
-    print(Path(paths["markdown"]).read_text(), flush=True)
+    print(paths["comparison.md"].read_text(), flush=True)
     print(f"[demo] done in {time.perf_counter() - started:.0f} s; report: {out / 'eval'}; "
           f"model: {outcome.model_path}", flush=True)
     return {"before": before, "after": after, "model_path": outcome.model_path}

@@ -70,7 +70,8 @@ def read_lareqa_dir(path: str | Path, languages: list[str] | None = None) -> Lar
     if not root.is_dir():
         raise DataError("not a directory", file=str(root),
                         hint="expected a LAReQA directory holding one <lang>.json per language")
-    files = {check_language(p.stem, file=str(p), field="file name"): p for p in sorted(root.glob("*.json"))}
+    files = {check_language(p.stem, file=str(p), field="file name"): p for p in sorted(root.glob("*.json"))
+             if not p.name.startswith(".")}  # dotfiles: e.g. the prepare manifest
     if not files:
         raise DataError("no <lang>.json files found", file=str(root),
                         hint="expected e.g. en.json, de.json (run `raysys prepare` for a named dataset)")

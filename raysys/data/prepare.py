@@ -18,7 +18,7 @@ from raysys.config import cache_dir
 from raysys.errors import DataError
 
 SOURCE_ENV = "RAYSYS_DATA_SOURCE"
-MANIFEST = "MANIFEST.json"  # written last: its presence means the directory is complete
+MANIFEST = ".raysys-manifest.json"  # hidden from LAReQA readers; written last: its presence means the directory is complete
 DOWNLOAD_TIMEOUT_S = 60
 
 

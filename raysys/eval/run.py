@@ -125,7 +125,7 @@ def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os
 
 def _model_dir_of(model: str) -> str:
     """A training checkpoint directory holds its exported model in `hf_model/`."""
-    from raysys.train.loop import EXPORT_DIR
+    from raysys.train.checkpoint import EXPORT_DIR
 
     p = Path(model)
     return str(p / EXPORT_DIR) if (p / EXPORT_DIR).is_dir() else model

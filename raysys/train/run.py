@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import ray
+import ray.data
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -14,10 +16,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raysys.config import Config
 from raysys.model.default import resolve_model_path
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
-from raysys.train.loop import EXPORT_DIR, STATE_FILE, train_loop_per_worker
+from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE
+from raysys.train.loop import train_loop_per_worker
 
-# Environment every worker needs: CPU DeepSpeed without MPI discovery or JIT builds, offline HF.
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+# Environment every worker needs.
+# (DS_ACCELERATOR is set per run in the loop: cpu, or cuda when train.use_gpu.)
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 @dataclass
@@ -32,11 +36,17 @@ def ensure_ray(num_cpus: int | None = None) -> None:
     """Connect to a cluster when RAY_ADDRESS is set (ray job submit), else start local Ray."""
     if ray.is_initialized():
         return
-    env = dict(WORKER_ENV)
-    if os.environ.get("RAYSYS_GPU_ENV"):
-        env.pop("DS_ACCELERATOR")
-    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": env}, include_dashboard=False,
+    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": dict(WORKER_ENV)},
              log_to_driver=True, ignore_reinit_error=True)
+    # The DataContext travels to the workers: per-worker shard bars would only add noise.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def run_name(config: Config) -> str:
+    """A fresh run directory per invocation: Ray Train resumes any run whose name it finds in
+    storage, which would silently skip training after a config change. Resuming is explicit
+    (`train.resume_from`); set RAYSYS_RUN_NAME to pin the name (e.g. for Ray job retries)."""
+    return os.environ.get("RAYSYS_RUN_NAME") or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
 def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrainer:
@@ -56,7 +66,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=config.name, storage_path=storage, callbacks=callbacks,
+            name=run_name(config), storage_path=storage, callbacks=callbacks,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=t.max_failures)),

@@ -9,7 +9,7 @@ import torch
 
 from raysys.config import Config
 from raysys.model.encoder import BiEncoder
-from raysys.train.loop import EXPORT_DIR, PROBE_FILE, STATE_FILE
+from raysys.train.checkpoint import EXPORT_DIR, PROBE_FILE, STATE_FILE
 from raysys.train.run import train
 
 pytestmark = pytest.mark.timeout(900)

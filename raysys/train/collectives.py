@@ -1,0 +1,38 @@
+"""Small collectives the training loop needs (no-ops when not distributed)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_min(value: int) -> int:
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def all_reduce_max(value: int) -> int:
+    return -all_reduce_min(-value)
+
+
+def mean_over_ranks(value: float) -> float:
+    if not distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t.item()) / dist.get_world_size()
+
+
+def all_gather_objects(obj) -> list:
+    if not distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
