@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Where `prepare` copies XQuAD-R from when it is not cached yet (else it downloads it).
+RAYSYS_DATA_SOURCE ?= $(wildcard ../shared/data/xquad-r)
+export RAYSYS_DATA_SOURCE
 
 .PHONY: install demo quick test test-slow bench clean
 
