@@ -7,6 +7,7 @@ Every default lives here, in one place. `Config.to_dict()` is what Ray Train's
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -122,124 +123,264 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "<dict>") -> "Config":
-        return _build(cls, raw or {}, source, prefix="")
+    def from_dict(cls, raw: dict[str, Any] | None, *, source: str = "<dict>",
+                  origins: "_Origins | None" = None) -> "Config":
+        origins = origins or _Origins(source)
+        config = _build(cls, raw or {}, origins, prefix="")
+        config._origins = origins  # not a field: to_dict() and Ray never see it
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike | None, overrides: list[str] | None = None) -> "Config":
         raw: dict[str, Any] = {}
-        source = "<defaults>"
+        origins = _Origins("<defaults>")
         if path is not None:
-            source = str(path)
-            try:
-                raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-            except FileNotFoundError:
-                raise ConfigError(f"{path}: config file not found") from None
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-            if not isinstance(raw, dict):
-                raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raw, origins = _read_yaml(Path(path))
         for item in overrides or []:
-            _apply_override(raw, item)
-        config = cls.from_dict(raw, source=source)
+            _apply_override(raw, item, origins)
+        config = cls.from_dict(raw, origins=origins)
         config.validate()
         return config
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
+    def _fail(self, key: str, message: str, hint: str | None = None) -> ConfigError:
+        """A ConfigError located where `key` was set: the file and line, or the override."""
+        origins = getattr(self, "_origins", None) or _Origins("<config>")
+        file, line = origins.where(key)
+        return ConfigError(message, file=file, line=line, field=key, hint=hint)
+
     def validate(self) -> None:
-        t = self.train
+        t, fail = self.train, self._fail
         if not 0.0 <= t.alpha <= 1.0:
-            raise ConfigError(f"train.alpha={t.alpha}: must lie in [0, 1] (1 = monolingual only, 0 = cross-lingual only)")
+            raise fail("train.alpha", f"{t.alpha} is outside [0, 1]",
+                       "set it between 0 = cross-lingual batches only and 1 = monolingual batches only")
         if t.global_batch_size < 2:
-            raise ConfigError("train.global_batch_size must be at least 2 (in-batch negatives)")
-        if t.num_workers < 1 or t.global_batch_size % t.num_workers:
-            raise ConfigError(f"train.global_batch_size={t.global_batch_size} must be a positive multiple "
-                              f"of train.num_workers={t.num_workers}")
+            raise fail("train.global_batch_size", f"{t.global_batch_size} is below 2",
+                       "in-batch negatives need at least 2 pairs per batch")
+        if t.num_workers < 1:
+            raise fail("train.num_workers", f"{t.num_workers} is below 1", "use 1 or more workers")
+        if t.global_batch_size % t.num_workers:
+            raise fail("train.global_batch_size", f"{t.global_batch_size} is not a multiple of "
+                       f"train.num_workers={t.num_workers}", "every worker takes an equal share of a batch")
         if t.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"train.zero_stage={t.zero_stage}: must be 0, 1, 2 or 3")
+            raise fail("train.zero_stage", f"{t.zero_stage} is not a DeepSpeed ZeRO stage", "use 0, 1, 2 or 3")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"train.precision={t.precision!r}: must be auto, fp32, bf16 or fp16")
-        if t.temperature <= 0:
-            raise ConfigError("train.temperature must be positive")
+            raise fail("train.precision", f"unknown precision {t.precision!r}", "use auto, fp32, bf16 or fp16")
+        if not t.temperature > 0:
+            raise fail("train.temperature", f"{t.temperature} is not positive", "e.g. 0.05")
+        for key in ("epochs", "gradient_accumulation_steps", "checkpoint_every", "eval_every", "log_every",
+                    "keep_checkpoints", "torch_threads"):
+            if getattr(t, key) < 1:
+                raise fail(f"train.{key}", f"{getattr(t, key)} is below 1", "use a positive integer")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise fail("train.max_steps", f"{t.max_steps} is below 1", "use a positive integer, or null for full epochs")
+        if t.max_failures < 0:
+            raise fail("train.max_failures", f"{t.max_failures} is negative", "use 0 or more")
+        if not t.lr > 0:
+            raise fail("train.lr", f"{t.lr} is not positive", "e.g. 3e-5")
         if self.model.pooling not in ("mean", "cls"):
-            raise ConfigError(f"model.pooling={self.model.pooling!r}: must be mean or cls")
+            raise fail("model.pooling", f"unknown pooling {self.model.pooling!r}", "use mean or cls")
+        for key in ("max_query_length", "max_passage_length"):
+            if getattr(self.model, key) < 1:
+                raise fail(f"model.{key}", f"{getattr(self.model, key)} is below 1", "use a positive token count")
         d = self.data
-        if not (0 <= d.validation_fraction < 1 and 0 <= d.test_fraction < 1
-                and d.validation_fraction + d.test_fraction < 1):
-            raise ConfigError("data.validation_fraction + data.test_fraction must be below 1")
-        if self.eval.split not in ("test", "validation", "all"):
-            raise ConfigError(f"eval.split={self.eval.split!r}: must be test, validation or all")
+        for key in ("validation_fraction", "test_fraction"):
+            if not 0 <= getattr(d, key) < 1:
+                raise fail(f"data.{key}", f"{getattr(d, key)} is outside [0, 1)", "use a fraction such as 0.1")
+        if d.validation_fraction + d.test_fraction >= 1:
+            raise fail("data.test_fraction", f"data.validation_fraction + data.test_fraction = "
+                       f"{d.validation_fraction + d.test_fraction} leaves nothing to train on", "keep the sum below 1")
+        if d.languages is not None:
+            from raysys.data.languages import normalize_language
+
+            for code in d.languages:
+                if normalize_language(code) is None:
+                    raise fail("data.languages", f"unknown language code {code!r}",
+                               "use ISO 639-1 codes such as en, de, zh")
+        e = self.eval
+        if e.split not in ("test", "validation", "all"):
+            raise fail("eval.split", f"unknown split {e.split!r}", "use test, validation or all")
+        for key in ("batch_tokens", "num_encoders", "num_shards", "top_k", "max_length"):
+            if getattr(e, key) < 1:
+                raise fail(f"eval.{key}", f"{getattr(e, key)} is below 1", "use a positive integer")
+        for alpha in self.tune.alphas:
+            if not 0.0 <= alpha <= 1.0:
+                raise fail("tune.alphas", f"alpha {alpha} is outside [0, 1]", "every alpha must lie in [0, 1]")
 
 
-def _build(cls, raw: dict[str, Any], source: str, prefix: str):
+class _Origins:
+    """Where each dotted key was set: a line of the YAML file or a command-line override."""
+
+    def __init__(self, source: str, lines: dict[str, int] | None = None):
+        self.source = source
+        self.lines = lines or {}
+        self.overrides: dict[str, str] = {}
+
+    def where(self, key: str) -> tuple[str, int | None]:
+        parts = key.split(".")
+        for n in range(len(parts), 0, -1):  # the key itself, else its nearest section
+            prefix = ".".join(parts[:n])
+            if prefix in self.overrides:
+                return f"override {self.overrides[prefix]!r}", None
+            if prefix in self.lines:
+                return self.source, self.lines[prefix]
+        return self.source, None
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], _Origins]:
+    hint_syntax = "fix the YAML syntax: indentation, ':' after keys, closed quotes and brackets"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("config file not found", file=str(path),
+                          hint="check the --config path, e.g. configs/local.yaml") from None
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"not UTF-8 (invalid byte at offset {exc.start})", file=str(path), line=line,
+                          hint="save the config as UTF-8") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config file: {exc.strerror}", file=str(path),
+                          hint="--config must name a readable YAML file") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        context = getattr(exc, "context", None)
+        message = "not valid YAML" + (f" at column {mark.column + 1}" if mark is not None else "")
+        message += ": " + (f"{problem}, {context}" if context else problem)
+        raise ConfigError(message, file=str(path), line=mark.line + 1 if mark is not None else None,
+                          hint=hint_syntax) from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'config'}' must be a mapping")
+        raise ConfigError(f"the top level is a {type(raw).__name__}, not a mapping of sections",
+                          file=str(path), line=1, hint="write e.g. 'train:' then '  alpha: 0.5' on the next line")
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        _key_lines(node, "", lines, str(path))
+    return raw, _Origins(str(path), lines)
+
+
+def _key_lines(node: yaml.MappingNode, prefix: str, lines: dict[str, int], file: str) -> None:
+    """1-based line of every dotted key; a key repeated in one mapping is an error (YAML would
+    silently keep the last one)."""
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = prefix + key_node.value
+        line = key_node.start_mark.line + 1
+        if key in lines:
+            raise ConfigError(f"duplicate key (first on line {lines[key]})", file=file, line=line, field=key,
+                              hint="keep one of them")
+        lines[key] = line
+        if isinstance(value_node, yaml.MappingNode):
+            _key_lines(value_node, key + ".", lines, file)
+
+
+def _build(cls, raw: dict[str, Any], origins: _Origins, prefix: str):
+    section = prefix.rstrip(".")
+    if not isinstance(raw, dict):
+        file, line = origins.where(section)
+        raise ConfigError(f"expected a mapping of keys, got {type(raw).__name__} {raw!r:.40}", file=file, line=line,
+                          field=section, hint=f"write '{section}:' then indented 'key: value' lines")
     hints = get_type_hints(cls)
     known = {f.name for f in fields(cls)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(known))})")
+    for name in raw:
+        if name not in known:
+            key = f"{prefix}{name}"
+            file, line = origins.where(key)
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = (f"did you mean '{prefix}{close[0]}'?" if close else
+                    f"known keys{' in ' + repr(section) if section else ''}: {', '.join(sorted(known))}")
+            raise ConfigError("unknown key", file=file, line=line, field=key, hint=hint)
     kwargs = {}
     for f in fields(cls):
         if f.name not in raw:
             continue
         value, hint = raw[f.name], hints[f.name]
         if dataclasses.is_dataclass(hint):
-            kwargs[f.name] = _build(hint, value, source, prefix + f.name + ".")
+            kwargs[f.name] = _build(hint, value, origins, prefix + f.name + ".")
         else:
-            kwargs[f.name] = _coerce(value, hint, f"{source}: '{prefix}{f.name}'")
+            kwargs[f.name] = _coerce(value, hint, prefix + f.name, origins)
     return cls(**kwargs)
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
+def _type_name(hint: Any) -> str:
+    args = [a for a in get_args(hint) if a is not type(None)]
+    target = args[0] if args else hint
+    if get_origin(target) is list:
+        return f"a list of {_type_name(get_args(target)[0])}s"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(target, str(target))
+
+
+def _coerce(value: Any, hint: Any, key: str, origins: _Origins) -> Any:
     """Check (and gently convert) a YAML value against the dataclass field's type."""
+    def wrong(expected: str, extra: str = "") -> ConfigError:
+        file, line = origins.where(key)
+        return ConfigError(f"expected {expected}, got {type(value).__name__} {value!r:.40}{extra}",
+                           file=file, line=line, field=key, hint=f"set {key} to {_type_name(hint)}")
+
     args = [a for a in get_args(hint) if a is not type(None)]
     if value is None:
         if type(None) in get_args(hint):
             return None
-        raise ConfigError(f"{where} may not be null")
+        file, line = origins.where(key)
+        raise ConfigError("may not be null", file=file, line=line, field=key,
+                          hint=f"set {key} to {_type_name(hint)}, or delete the line for the default")
     if get_origin(hint) is list or (args and get_origin(args[0]) is list):
         inner = get_args(args[0] if args and get_origin(args[0]) is list else hint)[0]
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+            value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, inner, where) for v in value]
+            raise wrong("a list")
+        return [_coerce(v, inner, key, origins) for v in value]
     target = args[0] if args else hint
     if target is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
-        raise ConfigError(f"{where} must be true or false, got {value!r}")
+        raise wrong("true or false")
     if target in (int, float):
-        if isinstance(value, bool):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+        if isinstance(value, bool) or isinstance(value, (list, dict)):
+            raise wrong(_type_name(target))
         try:
             number = float(value) if target is float else int(str(value))
         except (TypeError, ValueError):
-            raise ConfigError(f"{where} must be {'an integer' if target is int else 'a number'}, got {value!r}") from None
+            raise wrong(_type_name(target)) from None
         return number
     if target is str:
+        if isinstance(value, (list, dict)):
+            raise wrong("a string")
         return str(value)
     return value
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def _apply_override(raw: dict[str, Any], item: str, origins: _Origins | None = None) -> None:
     """Apply one `section.key=value` override; the value is parsed as YAML (so 0.5, true, [a,b])."""
+    where = f"override {item!r}"
     if "=" not in item:
-        raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.alpha=0.5")
+        raise ConfigError("expected section.key=value", file=where,
+                          hint="write e.g. train.alpha=0.5, with no spaces around '='")
     key, text = item.split("=", 1)
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not part for part in parts):
+        raise ConfigError("empty key", file=where, hint="write e.g. train.alpha=0.5")
     try:
         value = yaml.safe_load(text) if text else ""
     except yaml.YAMLError:
         value = text
     node = raw
-    parts = key.strip().split(".")
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ConfigError(f"override {item!r}: '{part}' is not a section")
+            raise ConfigError("is not a section", file=where, field=".".join(parts[:depth + 1]),
+                              hint="overrides look like section.key=value")
     node[parts[-1]] = value
+    if origins is not None:
+        origins.overrides[key] = item

@@ -43,13 +43,29 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
         else:
             local.extend(_expand_local(Path(text.removeprefix("file://"))))
     if not local and not remote:
-        raise DataError("no input files given")
+        raise DataError("no input files given", hint="set data.train to a file, a directory of files or a URI")
     datasets = []
     if local:  # validated here, on the driver: a bad line fails before any cluster work
-        datasets.append(ray.data.from_arrow([validate_pairs_file(p) for p in local]))
+        tables = [validate_pairs_file(p) for p in local]
+        _check_no_duplicates_across_files(tables)
+        datasets.append(ray.data.from_arrow(tables))
     if remote:
         datasets.append(_read_with_ray(remote))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
+
+
+def _check_no_duplicates_across_files(tables: list[pa.Table]) -> None:
+    """An (id, lang) in two local files would silently replace one version of the item."""
+    if len(tables) < 2:
+        return
+    first: dict[tuple[str, str], str] = {}
+    for table in tables:
+        for pid, lang, origin in zip(*(table.column(c).to_pylist() for c in ("id", "lang", "origin"))):
+            other = first.setdefault((pid, lang), origin)
+            if other != origin:
+                file, _, row = origin.rpartition(":")
+                raise DataError(f"duplicate (id, lang) = {(pid, lang)!r} (first at {other})", file=file,
+                                row=int(row), field="id", hint="each parallel item may appear once per language")
 
 
 def _read_with_ray(uris: list[str]) -> ray.data.Dataset:
@@ -75,10 +91,11 @@ def _expand_local(path: Path) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.rglob("*") if p.is_file() and _format_of(p) is not None)
         if not found:
-            raise DataError("directory holds no .jsonl/.json(.gz) or .parquet files", file=str(path))
+            raise DataError("directory holds no .jsonl/.json(.gz) or .parquet files", file=str(path),
+                            hint="point data.train at the files themselves or at a LAReQA directory")
         return found
     if not path.exists():
-        raise DataError("file not found", file=str(path))
+        raise DataError("file not found", file=str(path), hint="check the data.train path")
     if _format_of(path) is None:
         raise DataError("unsupported file type", file=str(path),
                         hint=f"expected one of {', '.join(JSONL_SUFFIXES + PARQUET_SUFFIXES)}")
@@ -103,7 +120,7 @@ def validate_pairs_file(path: str | Path) -> pa.Table:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", file=str(path)) from None
+        raise DataError(f"cannot read: {exc.strerror}", file=str(path), hint="check the path and its permissions") from None
     return parse_pairs_bytes(data, str(path))
 
 
@@ -116,7 +133,8 @@ def parse_pairs_bytes(data: bytes, file: str) -> pa.Table:
         try:
             table = pq.read_table(io.BytesIO(data))
         except (pa.ArrowInvalid, OSError) as exc:
-            raise DataError(f"not a readable Parquet file: {exc}", file=file) from None
+            raise DataError(f"not a readable Parquet file: {exc}", file=file,
+                            hint="re-export it, or give JSONL instead") from None
         for name in REQUIRED_COLUMNS:
             if name not in table.column_names:
                 raise DataError("required column is missing", file=file, field=name,
@@ -126,9 +144,11 @@ def parse_pairs_bytes(data: bytes, file: str) -> pa.Table:
         try:
             data = gzip.decompress(data)
         except (OSError, EOFError) as exc:
-            raise DataError(f"not a valid gzip file: {exc}", file=file) from None
+            raise DataError(f"not a valid gzip file: {exc}", file=file,
+                            hint="re-compress it with gzip, or drop the .gz suffix") from None
         if not data:
-            raise DataError("file is empty (0 bytes after decompression)", file=file)
+            raise DataError("file is empty (0 bytes after decompression)", file=file,
+                            hint="expected one JSON object per line")
     return _rows_to_table(_jsonl_records(data, file), file, start=None)
 
 
@@ -146,7 +166,8 @@ def _jsonl_records(data: bytes, file: str) -> Iterable[tuple[int, Any]]:
             yield lineno, json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"malformed JSON on line {lineno}, column {exc.colno}: {exc.msg}",
-                            file=file, row=lineno) from None
+                            file=file, row=lineno,
+                            hint="each non-blank line must be one complete JSON object") from None
 
 
 def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
@@ -156,7 +177,8 @@ def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
     for index, item in enumerate(records):
         row, record = (start + index, item) if start is not None else item
         if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", file=file, row=row)
+            raise DataError(f"expected a JSON object, got {type(record).__name__}", file=file, row=row,
+                            hint=f"each row is an object with {', '.join(REQUIRED_COLUMNS)}")
         values = {}
         for name in REQUIRED_COLUMNS + OPTIONAL_COLUMNS:
             value = record.get(name)
@@ -169,10 +191,11 @@ def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
                 continue
             if not isinstance(value, str):
                 raise DataError(f"expected a string, got {type(value).__name__} {value!r:.40}",
-                                file=file, row=row, field=name)
+                                file=file, row=row, field=name, hint="give it as a JSON string")
             if not value.strip():
                 if name in REQUIRED_COLUMNS:
-                    raise DataError("empty text", file=file, row=row, field=name)
+                    raise DataError("empty text", file=file, row=row, field=name,
+                                    hint="fill it in or drop the row")
                 value = None  # an empty optional field means "not given"
             values[name] = value
         values["lang"] = check_language(values["lang"], file=file, row=row)
@@ -187,5 +210,5 @@ def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
         for name in PAIR_SCHEMA.names:
             columns[name].append(values[name])
     if not first_seen:
-        raise DataError("no rows (only blank lines)", file=file)
+        raise DataError("no rows (only blank lines)", file=file, hint="expected one JSON object per line")
     return pa.table(columns, schema=PAIR_SCHEMA)

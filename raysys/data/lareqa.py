@@ -90,14 +90,17 @@ def read_lareqa_dir(path: str | Path, languages: list[str] | None = None) -> Lar
 
 # ---- parsing with precise locations -------------------------------------------------------
 
+LAREQA_HINT = "each <lang>.json must be SQuAD v1.1 JSON whose paragraphs also carry 'sentences' and 'sentence_breaks'"
+
+
 class _Locator:
     """Type-checked field access that names the file, the JSON path and the field on error."""
 
-    def __init__(self, file: Path):
+    def __init__(self, file: Path | str):
         self.file = str(file)
 
-    def fail(self, jpath: str, key: str | None, message: str) -> DataError:
-        return DataError(f"at {jpath}: {message}", file=self.file, field=key)
+    def fail(self, jpath: str, key: str | None, message: str, hint: str | None = None) -> DataError:
+        return DataError(f"at {jpath}: {message}", file=self.file, field=key, hint=hint or LAREQA_HINT)
 
     def get(self, obj: Any, key: str, kind: type | tuple[type, ...], jpath: str) -> Any:
         if not isinstance(obj, dict):
@@ -107,19 +110,40 @@ class _Locator:
         value = obj[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
             names = "/".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-            raise self.fail(f"{jpath}.{key}", key, f"expected {names}, got {type(value).__name__}")
+            raise self.fail(f"{jpath}.{key}", key, f"expected {names}, got {type(value).__name__}",
+                            f"make '{key}' a JSON {_JSON_NAMES.get(names, names)}")
         return value
 
 
+_JSON_NAMES = {"str": "string", "int": "integer", "list": "array", "dict": "object"}
+
+
 def _parse_file(file: Path) -> list[list[dict]]:
-    """Articles -> paragraphs -> {context, sentences, breaks, qas, jpath}, all checked."""
     try:
-        raw = json.loads(file.read_text(encoding="utf-8"))
+        data = file.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", file=str(file), hint="check the path and its permissions") from None
+    return parse_lareqa_bytes(data, str(file))
+
+
+def parse_lareqa_bytes(data: bytes, file: str) -> list[list[dict]]:
+    """Articles -> paragraphs -> {context, sentences, breaks, qas, jpath}, all checked; `file`
+    names the source in errors (also used by `raysys prepare` before it publishes a file)."""
+    if not data.strip():
+        raise DataError(f"file is empty ({len(data)} bytes)", file=file,
+                        hint="replace it with the dataset's JSON file (rerun `raysys prepare` for a named dataset)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise DataError(f"not UTF-8: invalid byte 0x{data[exc.start]:02x} at column {column}", file=file,
+                        row=line, hint="re-encode the file as UTF-8") from None
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
-                        file=str(file), row=exc.lineno) from None
-    except UnicodeDecodeError as exc:
-        raise DataError(f"not UTF-8 (byte offset {exc.start})", file=str(file)) from None
+                        file=file, row=exc.lineno, hint="fix the JSON syntax there (or re-download the file)") from None
     loc = _Locator(file)
     articles = []
     for ai, article in enumerate(loc.get(raw, "data", list, "$")):
@@ -134,12 +158,16 @@ def _parse_file(file: Path) -> list[list[dict]]:
             for qi, qa in enumerate(loc.get(par, "qas", list, jp)):
                 qp = f"{jp}.qas[{qi}]"
                 qid = loc.get(qa, "id", str, qp)
+                if not qid.strip():
+                    raise loc.fail(f"{qp}.id", "id", "empty question id", "give every question a unique id")
                 question = loc.get(qa, "question", str, qp)
                 if not question.strip():
-                    raise loc.fail(f"{qp}.question", "question", "empty question text")
+                    raise loc.fail(f"{qp}.question", "question", "empty question text",
+                                   "fill in the question or drop the entry")
                 answers = loc.get(qa, "answers", list, qp)
                 if not answers:
-                    raise loc.fail(f"{qp}.answers", "answers", "no answer given")
+                    raise loc.fail(f"{qp}.answers", "answers", "no answer given",
+                                   "give at least one answer with an answer_start, or drop the question")
                 start = loc.get(answers[0], "answer_start", int, f"{qp}.answers[0]")
                 qas.append({"id": qid, "question": question, "start": start, "jpath": qp})
             paragraphs.append({"context": context, "sentences": sentences, "breaks": breaks,
@@ -151,16 +179,19 @@ def _parse_file(file: Path) -> list[list[dict]]:
 def _check_sentences(loc: _Locator, jp: str, context: str, sentences: list, breaks: list) -> None:
     if len(sentences) != len(breaks):
         raise loc.fail(f"{jp}.sentence_breaks", "sentence_breaks",
-                       f"{len(breaks)} breaks for {len(sentences)} sentences")
+                       f"{len(breaks)} breaks for {len(sentences)} sentences",
+                       "give one [begin, end] break per sentence")
     previous_end = 0
     for si, (sentence, span) in enumerate(zip(sentences, breaks)):
         if not isinstance(sentence, str):
-            raise loc.fail(f"{jp}.sentences[{si}]", "sentences", f"expected str, got {type(sentence).__name__}")
+            raise loc.fail(f"{jp}.sentences[{si}]", "sentences", f"expected str, got {type(sentence).__name__}",
+                           "every sentence must be a JSON string")
         ok = (isinstance(span, list) and len(span) == 2 and all(type(x) is int for x in span))
         if not ok or not previous_end <= span[0] <= span[1] <= len(context):
             raise loc.fail(f"{jp}.sentence_breaks[{si}]", "sentence_breaks",
                            f"{span!r} is not an in-order [begin, end] span inside the "
-                           f"{len(context)}-character context")
+                           f"{len(context)}-character context",
+                           "breaks are character offsets into the context, in order")
         previous_end = span[1]
 
 
@@ -227,7 +258,8 @@ def _build_corpus(languages, parsed, group_of, files) -> LareqaCorpus:
                 for qa in par["qas"]:
                     if qa["id"] in seen_ids:
                         raise DataError(f"at {qa['jpath']}: duplicate question id {qa['id']!r} "
-                                        f"(first at {seen_ids[qa['id']]})", file=file, field="id")
+                                        f"(first at {seen_ids[qa['id']]})", file=file, field="id",
+                                        hint="question ids must be unique within a language file")
                     seen_ids[qa["id"]] = qa["jpath"]
                     gold = next((si for si, (b, e) in enumerate(par["breaks"]) if b <= qa["start"] < e), None)
                     if gold is None:

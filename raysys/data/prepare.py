@@ -128,9 +128,14 @@ def _fetch_one(name: str, spec: DatasetSpec, file: str, source_dir, staging: Pat
     digest = hashlib.sha256(data).hexdigest()
     expected = spec.sha256.get(file) if spec.sha256 else None
     if expected is not None and digest != expected:
-        raise DataError(f"SHA-256 mismatch: got {digest}, expected {expected}", file=origin,
+        what = "file is empty (0 bytes), " if not data else ""
+        raise DataError(f"{what}SHA-256 mismatch: got {digest}, expected {expected}", file=origin,
                         hint="the file is corrupted or a different version; replace it with the "
                              "published LAReQA file")
+    if expected is None:  # no published hash: at least check it parses, before it is published
+        from raysys.data.lareqa import parse_lareqa_bytes
+
+        parse_lareqa_bytes(data, origin)
     _write_atomic(dest, data)
     return {"sha256": digest, "bytes": len(data), "verified": expected is not None, "from": origin}
 

@@ -22,12 +22,28 @@ QRELS_FIELDS = ("qid", "iter", "docid", "rel")
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number, text without newline), decoding per line so a bad byte names its line."""
     opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                yield line_no, raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as e:
-                raise DataError(f"not valid UTF-8 ({e.reason})", file=str(path), row=line_no) from None
+    line_no = 0
+    try:
+        with opener(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"not valid UTF-8 ({e.reason})", file=str(path), row=line_no,
+                                    hint="re-encode the file as UTF-8") from None
+                yield line_no, text
+    except FileNotFoundError:
+        raise DataError("file not found", file=str(path),
+                        hint="a MIRACL-style language directory holds topics.tsv, qrels.tsv and corpus.jsonl") from None
+    except (OSError, EOFError) as e:  # e.g. a truncated or non-gzip .gz file
+        raise DataError(f"cannot read: {e}", file=str(path), row=line_no + 1 if line_no else None,
+                        hint="re-download or re-compress the file") from None
+
+
+def _require_entries(entries: dict, path: str | Path, what: str) -> None:
+    if not entries:
+        raise DataError(f"no {what} (the file is empty or blank)", file=str(path),
+                        hint="check that the file was written completely")
 
 
 def read_topics(path: str | Path) -> dict[str, str]:
@@ -39,13 +55,16 @@ def read_topics(path: str | Path) -> dict[str, str]:
         qid, sep, text = line.partition("\t")
         qid = qid.strip()
         if not qid:
-            raise DataError("empty query id", file=str(path), row=line_no, field="qid")
+            raise DataError("empty query id", file=str(path), row=line_no, field="qid",
+                            hint="each line is 'qid<TAB>query text'")
         if not sep or not text.strip():
-            raise DataError("missing query text (expected 'qid<TAB>text')", file=str(path), row=line_no,
-                            field="text")
+            raise DataError("missing query text", file=str(path), row=line_no, field="text",
+                            hint="each line is 'qid<TAB>query text', separated by a tab")
         if qid in topics:
-            raise DataError(f"duplicate query id {qid!r}", file=str(path), row=line_no, field="qid")
+            raise DataError(f"duplicate query id {qid!r}", file=str(path), row=line_no, field="qid",
+                            hint="query ids must be unique; drop or rename the repeat")
         topics[qid] = text.strip()
+    _require_entries(topics, path, "queries")
     return topics
 
 
@@ -57,13 +76,14 @@ def _qrels_rows(path: str | Path) -> Iterator[tuple[int, str, str, int]]:
         if len(parts) != len(QRELS_FIELDS):
             missing = QRELS_FIELDS[min(len(parts), len(QRELS_FIELDS) - 1)]
             raise DataError(f"expected 4 whitespace-separated fields 'qid Q0 docid rel', got {len(parts)}",
-                            file=str(path), row=line_no, field=missing)
+                            file=str(path), row=line_no, field=missing,
+                            hint="TREC qrels: query id, the literal Q0, document id, integer grade")
         qid, _, docid, grade = parts
         try:
             rel = int(grade)
         except ValueError:
             raise DataError(f"relevance grade {grade!r} is not an integer", file=str(path), row=line_no,
-                            field="rel") from None
+                            field="rel", hint="use an integer grade such as 0, 1 or 2") from None
         yield line_no, qid, docid, rel
 
 
@@ -74,8 +94,9 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         judged = qrels.setdefault(qid, {})
         if docid in judged:
             raise DataError(f"document {docid!r} judged twice for query {qid!r}", file=str(path),
-                            row=line_no, field="docid")
+                            row=line_no, field="docid", hint="keep one judgement per (query, document)")
         judged[docid] = rel
+    _require_entries(qrels, path, "judgements")
     return qrels
 
 
@@ -92,22 +113,26 @@ def read_corpus(path: str | Path) -> dict[str, str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"malformed JSON at column {e.colno}: {e.msg}", file=str(path), row=line_no,
-                            field="json") from None
+                            field="json", hint="each line must be one complete JSON object") from None
         if not isinstance(record, dict):
             raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path),
-                            row=line_no, field="json")
+                            row=line_no, field="json", hint="each line is an object with docid, title, text")
         for field in ("docid", "title", "text"):
             if field not in record:
-                raise DataError("missing field", file=str(path), row=line_no, field=field)
+                raise DataError("missing field", file=str(path), row=line_no, field=field,
+                                hint="every line needs docid, title and text (title may be \"\")")
             if not isinstance(record[field], str):
                 raise DataError(f"expected a string, got {type(record[field]).__name__}", file=str(path),
-                                row=line_no, field=field)
+                                row=line_no, field=field, hint="give it as a JSON string")
         docid, title, text = record["docid"], record["title"].strip(), record["text"]
         if not docid:
-            raise DataError("empty document id", file=str(path), row=line_no, field="docid")
+            raise DataError("empty document id", file=str(path), row=line_no, field="docid",
+                            hint="give every passage a unique docid")
         if docid in corpus:
-            raise DataError(f"duplicate document id {docid!r}", file=str(path), row=line_no, field="docid")
+            raise DataError(f"duplicate document id {docid!r}", file=str(path), row=line_no, field="docid",
+                            hint="document ids must be unique; drop or rename the repeat")
         corpus[docid] = f"{title} {text}" if title else text
+    _require_entries(corpus, path, "documents")
     return corpus
 
 
@@ -123,7 +148,7 @@ def check_qrels_against_corpus(qrels: dict[str, dict[str, int]], corpus_ids: Ite
             raise DataError(f"document {docid!r} (query {qid!r}) is not in the corpus", file=str(qrels_path),
                             row=line_no, field="docid", hint="use the corpus the qrels were made for")
     raise DataError("qrels name documents missing from the corpus, but not on any line of this file",
-                    file=str(qrels_path), field="docid")
+                    file=str(qrels_path), field="docid", hint="check that this is the qrels file that was read")
 
 
 def score_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], k_ndcg: int = 10,

@@ -49,15 +49,14 @@ class BiEncoder(nn.Module):
         from raysys.model.default import resolve_model_path
 
         path = resolve_model_path(name_or_path)
-        if os.sep in str(path) and not Path(path).exists():
-            raise ConfigError(f"model path {path!r} does not exist (give a local model directory, a hub id, "
-                              "or 'default' for the embedded multilingual-e5-small)")
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        backbone = AutoModel.from_pretrained(path, dtype=torch_dtype) if torch_dtype else AutoModel.from_pretrained(path)
-        vocab = getattr(backbone.config, "vocab_size", None)
-        if vocab is not None and len(tokenizer) > vocab:
-            raise ConfigError(f"{path}: tokenizer has {len(tokenizer)} tokens but the model's embedding table has "
-                              f"{vocab}; the tokenizer does not belong to this model")
+        tokenizer = check_model(path)
+        try:
+            backbone = (AutoModel.from_pretrained(path, dtype=torch_dtype) if torch_dtype
+                        else AutoModel.from_pretrained(path))
+        except (OSError, ValueError, RuntimeError) as exc:  # missing/corrupt weights, shape mismatch
+            raise ConfigError(f"cannot load the model weights: {_first_line(exc)}", file=str(path),
+                              field=MODEL_FIELD, hint="give a complete model directory (config.json plus "
+                              "model.safetensors or pytorch_model.bin), e.g. a training run's hf_model/") from None
         return cls(backbone, tokenizer, settings or _settings_from_dir(path))
 
     def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
@@ -80,6 +79,52 @@ class BiEncoder(nn.Module):
     def save(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
         """Write an HF + sentence-transformers directory atomically (temp dir, then rename)."""
         return save_encoder_dir(self.backbone, self.tokenizer, self.settings, Path(out_dir), state_dict)
+
+
+MODEL_FIELD = "model.name_or_path"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _looks_like_path(name: str) -> bool:
+    return os.sep in name or name.startswith((".", "~")) or (os.altsep is not None and os.altsep in name)
+
+
+def check_model(name_or_path: str):
+    """Pre-flight for a model path or hub id: its config and tokenizer load, and the tokenizer
+    fits the model's embedding table. Cheap (no weights are read); returns the tokenizer.
+    Every failure is a one-line ConfigError naming the path, the field and what to do."""
+    from transformers import AutoConfig
+
+    path = str(name_or_path)
+    if _looks_like_path(path) and not Path(path).expanduser().exists():
+        raise ConfigError("model path does not exist", file=path, field=MODEL_FIELD,
+                          hint="give a local model directory, a Hugging Face hub id, or 'default' for the "
+                               "embedded multilingual-e5-small")
+    if Path(path).is_file():
+        raise ConfigError("model path is a file, not a directory", file=path, field=MODEL_FIELD,
+                          hint="give the directory that holds config.json and the weights")
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        where = "a local directory without a usable config.json" if Path(path).is_dir() else \
+            "not a local directory, and not a hub id that can be loaded here (offline?)"
+        raise ConfigError(f"cannot load the model: {where}: {_first_line(exc)}", file=path, field=MODEL_FIELD,
+                          hint="give a model directory saved with save_pretrained, or 'default'") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(f"cannot load the tokenizer: {_first_line(exc)}", file=path, field=MODEL_FIELD,
+                          hint="save the model's tokenizer into the same directory (tokenizer.save_pretrained)") from None
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"embedding table has {vocab}", file=path, field=MODEL_FIELD,
+                          hint="use the tokenizer that was saved with this model")
+    return tokenizer
 
 
 def save_encoder_dir(backbone, tokenizer, settings: EncoderSettings, out_dir: Path,

@@ -1,0 +1,34 @@
+"""The reference comparison end to end with the tiny model: 3 arms x 1 seed + the untrained row."""
+
+import json
+
+import pytest
+
+from raysys.config import Config
+from raysys.tune.reproduce import ARMS, HYBRID, reproduce
+from tests.conftest import XQUAD_R_DIR
+
+pytestmark = pytest.mark.timeout(900)
+
+
+def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+    config = Config.from_yaml(None, [
+        f"model.name_or_path={tiny_model_dir}", f"data.train={XQUAD_R_DIR}", "data.languages=[de,en,es]",
+        f"output_dir={tmp_path}", "name=repro", "model.max_query_length=32", "model.max_passage_length=48",
+        "train.global_batch_size=8", "train.max_steps=3", "train.eval_every=3", "train.checkpoint_every=3",
+        f"eval.datasets=[{XQUAD_R_DIR}]", "eval.max_length=48", "eval.bootstrap_samples=200"])
+    result = reproduce(config, seeds=[0])
+    dataset = str(XQUAD_R_DIR)
+    assert set(result["summaries"]) == {"untrained", *ARMS}
+    for label, by_dataset in result["summaries"].items():
+        summary = by_dataset[dataset]["summary"]
+        for setting in ("monolingual", "cross_lingual", "multilingual"):
+            assert 0 < summary[setting]["map"] <= 1
+    assert set(result["bootstrap"]) == {f"{HYBRID} vs {label}" for label in ARMS if label != HYBRID}
+    for comparison in result["bootstrap"].values():
+        for setting, ci in comparison[dataset].items():
+            assert ci["low"] <= ci["mean_diff"] <= ci["high"]
+    table = result["paths"]["comparison.md"].read_text()
+    assert all(label in table for label in ("untrained", *ARMS))
+    saved = json.loads(result["paths"]["comparison.json"].read_text())
+    assert saved["baseline"] == "untrained"
