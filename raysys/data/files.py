@@ -46,26 +46,10 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
         raise DataError("no input files given", hint="set data.train to a file, a directory of files or a URI")
     datasets = []
     if local:  # validated here, on the driver: a bad line fails before any cluster work
-        tables = [validate_pairs_file(p) for p in local]
-        _check_no_duplicates_across_files(tables)
-        datasets.append(ray.data.from_arrow(tables))
+        datasets.append(ray.data.from_arrow([validate_pairs_file(p) for p in local]))
     if remote:
         datasets.append(_read_with_ray(remote))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
-
-
-def _check_no_duplicates_across_files(tables: list[pa.Table]) -> None:
-    """An (id, lang) in two local files would silently replace one version of the item."""
-    if len(tables) < 2:
-        return
-    first: dict[tuple[str, str], str] = {}
-    for table in tables:
-        for pid, lang, origin in zip(*(table.column(c).to_pylist() for c in ("id", "lang", "origin"))):
-            other = first.setdefault((pid, lang), origin)
-            if other != origin:
-                file, _, row = origin.rpartition(":")
-                raise DataError(f"duplicate (id, lang) = {(pid, lang)!r} (first at {other})", file=file,
-                                row=int(row), field="id", hint="each parallel item may appear once per language")
 
 
 def _read_with_ray(uris: list[str]) -> ray.data.Dataset:
