@@ -32,9 +32,9 @@ def cmd_prepare(args) -> None:
 
 
 def cmd_train(args) -> None:
+    config = _config(args)  # config errors first, before the heavy imports
     from raysys.train.run import train
 
-    config = _config(args)
     print(config.to_yaml())
     outcome = train(config)
     print(f"final checkpoint: {outcome.checkpoint_path}\nexported model:   {outcome.model_path}")
@@ -42,12 +42,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    config = _config(args)
     from raysys.eval.report import format_summary_table, write_comparison, write_report
     from raysys.eval.run import evaluate
-    from raysys.train.run import ensure_ray
 
-    config = _config(args)
-    ensure_ray()
     out_dir = Path(args.out or Path(config.output_dir) / "eval")
     models = dict(_label(m) for m in (args.model or [config.model.name_or_path]))
     runs = {}
@@ -70,21 +68,24 @@ def _label(spec: str) -> tuple[str, str]:
 
 
 def cmd_tune(args) -> None:
+    config = _config(args)
     from raysys.tune.sweep import run_sweep
 
-    run_sweep(_config(args))
+    run_sweep(config)
 
 
 def cmd_reproduce(args) -> None:
+    config = _config(args)
     from raysys.tune.reproduce import reproduce
 
-    reproduce(_config(args), seeds=args.seeds, eval_datasets=args.datasets)
+    reproduce(config, seeds=args.seeds, eval_datasets=args.datasets)
 
 
 def cmd_demo(args) -> None:
+    config = _config(args)
     from raysys.demo import run_demo
 
-    run_demo(_config(args), quick=args.quick)
+    run_demo(config, quick=args.quick)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -175,7 +175,8 @@ class Config:
             if getattr(t, key) < 1:
                 raise fail(f"train.{key}", f"{getattr(t, key)} is below 1", "use a positive integer")
         if t.max_steps is not None and t.max_steps < 1:
-            raise fail("train.max_steps", f"{t.max_steps} is below 1", "use a positive integer, or null for full epochs")
+            raise fail("train.max_steps", f"{t.max_steps} is below 1",
+                       "use a positive integer, or null for full epochs")
         if t.max_failures < 0:
             raise fail("train.max_failures", f"{t.max_failures} is negative", "use 0 or more")
         if not t.lr > 0:
@@ -237,9 +238,11 @@ def _read_yaml(path: Path) -> tuple[dict[str, Any], _Origins]:
         raise ConfigError("config file not found", file=str(path),
                           hint="check the --config path, e.g. configs/local.yaml") from None
     except UnicodeDecodeError as exc:
-        line = path.read_bytes()[:exc.start].count(b"\n") + 1
-        raise ConfigError(f"not UTF-8 (invalid byte at offset {exc.start})", file=str(path), line=line,
-                          hint="save the config as UTF-8") from None
+        data = path.read_bytes()
+        line = data[:exc.start].count(b"\n") + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(f"not UTF-8: invalid byte 0x{data[exc.start]:02x} at column {column}", file=str(path),
+                          line=line, hint="save the config as UTF-8") from None
     except OSError as exc:
         raise ConfigError(f"cannot read the config file: {exc.strerror}", file=str(path),
                           hint="--config must name a readable YAML file") from None

@@ -104,7 +104,8 @@ def validate_pairs_file(path: str | Path) -> pa.Table:
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", file=str(path), hint="check the path and its permissions") from None
+        raise DataError(f"cannot read: {exc.strerror}", file=str(path),
+                        hint="check the path and its permissions") from None
     return parse_pairs_bytes(data, str(path))
 
 

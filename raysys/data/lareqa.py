@@ -122,7 +122,8 @@ def _parse_file(file: Path) -> list[list[dict]]:
     try:
         data = file.read_bytes()
     except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", file=str(file), hint="check the path and its permissions") from None
+        raise DataError(f"cannot read: {exc.strerror}", file=str(file),
+                        hint="check the path and its permissions") from None
     return parse_lareqa_bytes(data, str(file))
 
 
@@ -131,7 +132,7 @@ def parse_lareqa_bytes(data: bytes, file: str) -> list[list[dict]]:
     names the source in errors (also used by `raysys prepare` before it publishes a file)."""
     if not data.strip():
         raise DataError(f"file is empty ({len(data)} bytes)", file=file,
-                        hint="replace it with the dataset's JSON file (rerun `raysys prepare` for a named dataset)")
+                        hint="replace it with the dataset's JSON file; for a named dataset rerun `raysys prepare`")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -143,7 +144,7 @@ def parse_lareqa_bytes(data: bytes, file: str) -> list[list[dict]]:
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"malformed JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}",
-                        file=file, row=exc.lineno, hint="fix the JSON syntax there (or re-download the file)") from None
+                        file=file, row=exc.lineno, hint="fix the JSON syntax there, or re-download the file") from None
     loc = _Locator(file)
     articles = []
     for ai, article in enumerate(loc.get(raw, "data", list, "$")):

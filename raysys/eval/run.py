@@ -24,6 +24,7 @@ from raysys.eval.encode import encode_texts
 from raysys.eval.lareqa import evaluate_lareqa
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import EncoderSettings
+from raysys.train.run import ensure_ray
 
 
 def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSettings:
@@ -68,6 +69,7 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
+    ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
     q_emb = encode_texts(texts_q, "query", name="queries", **common)
     c_emb = encode_texts(texts_c, "passage", name="candidates", **common)
     return evaluate_lareqa(corpus, q_emb, c_emb, num_shards=e.num_shards, top_k=e.top_k)
@@ -98,6 +100,7 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
                       batch_tokens=e.batch_tokens, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
                       threads=_encoder_threads(e), progress=progress)
+        ensure_ray()
         d_emb = encode_texts([corpus[d] for d in docids], "passage", name="corpus", **common)
         q_emb = encode_texts([topics[q] for q in qids], "query", name="topics", **common)
         index = ShardedIndex(d_emb, num_shards=e.num_shards)
@@ -112,7 +115,10 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
 def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os.PathLike,
              progress: bool = True) -> dict[str, dict]:
     """{dataset: result} for a model (name, hub id, HF directory, or training checkpoint)."""
+    from raysys.model.encoder import check_model
+
     model_path = resolve_model_path(_model_dir_of(model))
+    check_model(model_path)  # a bad model fails here, not inside the encoder actors
     work = Path(work_dir)
     results = {}
     for name in datasets:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,8 +56,8 @@ class BiEncoder(nn.Module):
                         else AutoModel.from_pretrained(path))
         except (OSError, ValueError, RuntimeError) as exc:  # missing/corrupt weights, shape mismatch
             raise ConfigError(f"cannot load the model weights: {_first_line(exc)}", file=str(path),
-                              field=MODEL_FIELD, hint="give a complete model directory (config.json plus "
-                              "model.safetensors or pytorch_model.bin), e.g. a training run's hf_model/") from None
+                              field=MODEL_FIELD, hint="give a complete model directory: config.json plus "
+                              "model.safetensors or pytorch_model.bin, e.g. a training run's hf_model/") from None
         return cls(backbone, tokenizer, settings or _settings_from_dir(path))
 
     def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
@@ -82,6 +83,9 @@ class BiEncoder(nn.Module):
 
 
 MODEL_FIELD = "model.name_or_path"
+# A tokenizer's vocabulary lives in one of these (or a *.model SentencePiece file).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model",
+                   "tokenizer.model")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -89,8 +93,12 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")  # "name" or "org/name"
+
+
 def _looks_like_path(name: str) -> bool:
-    return os.sep in name or name.startswith((".", "~")) or (os.altsep is not None and os.altsep in name)
+    """Absolute, ./relative, ~ or deeper than org/name: meant as a local path, not a hub id."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or not _HUB_ID.match(name)
 
 
 def check_model(name_or_path: str):
@@ -110,15 +118,22 @@ def check_model(name_or_path: str):
     try:
         model_config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
-        where = "a local directory without a usable config.json" if Path(path).is_dir() else \
-            "not a local directory, and not a hub id that can be loaded here (offline?)"
+        where = ("a local directory without a usable config.json" if Path(path).is_dir() else
+                 "not a local directory, and not loadable as a Hugging Face hub id (offline, or no such model)")
         raise ConfigError(f"cannot load the model: {where}: {_first_line(exc)}", file=path, field=MODEL_FIELD,
                           hint="give a model directory saved with save_pretrained, or 'default'") from None
+    local = Path(path).expanduser()
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES) and not any(local.glob("*.model")):
+        # transformers would silently build an empty tokenizer that maps every word to [UNK]
+        raise ConfigError(f"no tokenizer files in the model directory (looked for {', '.join(TOKENIZER_FILES)})",
+                          file=path, field=MODEL_FIELD,
+                          hint="save the model's tokenizer into the same directory with tokenizer.save_pretrained")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:
         raise ConfigError(f"cannot load the tokenizer: {_first_line(exc)}", file=path, field=MODEL_FIELD,
-                          hint="save the model's tokenizer into the same directory (tokenizer.save_pretrained)") from None
+                          hint="save the model's tokenizer into the same directory with "
+                               "tokenizer.save_pretrained") from None
     vocab = getattr(model_config, "vocab_size", None)
     if vocab is not None and len(tokenizer) > vocab:
         raise ConfigError(f"tokenizer/model mismatch: the tokenizer has {len(tokenizer)} tokens but the model's "

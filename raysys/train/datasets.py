@@ -94,26 +94,29 @@ def compute_facts(ds: ray.data.Dataset, config: Config, source: str = "train dat
     facts = DataFacts(languages=sorted(per_lang), ids_per_language=dict(sorted(per_lang.items())),
                       multilingual_ids=sum(len(v) >= 2 for v in langs_of.values()), total_ids=len(langs_of),
                       has_hard_negatives=negatives_missing == 0, num_rows=rows)
-    check_batch_capacity(facts, config)
+    check_batch_capacity(facts, config, source)
     return facts
 
 
-def check_batch_capacity(facts: DataFacts, config: Config) -> None:
+def check_batch_capacity(facts: DataFacts, config: Config, source: str | None = None) -> None:
     t, need = config.train, config.train.global_batch_size
+    where = {"file": source, "field": "train.global_batch_size"}
     # Each worker draws from its own shard, so leave headroom for uneven hash shards.
     if t.alpha > 0:
         for lang, n in facts.ids_per_language.items():
             if n < need:
                 raise ConfigError(f"train.global_batch_size={need} but language '{lang}' has only {n} parallel ids; "
-                                  "a monolingual batch needs one distinct id per pair (lower the batch size "
-                                  "or drop the language via data.languages)")
+                                  "a monolingual batch needs one distinct id per pair", **where,
+                                  hint="lower the batch size or drop the language via data.languages")
     if t.alpha < 1:
         if facts.multilingual_ids < need:
             raise ConfigError(f"train.global_batch_size={need} but only {facts.multilingual_ids} parallel ids exist "
-                              "in two or more languages; cross-lingual batches (alpha < 1) need that many")
+                              "in two or more languages; cross-lingual batches (alpha < 1) need that many", **where,
+                              hint="lower train.global_batch_size, set train.alpha=1, or give translations the same id")
         if len(facts.languages) < 2:
             raise ConfigError(f"cross-lingual batches (train.alpha={t.alpha} < 1) need at least two languages; "
-                              f"the data has {facts.languages}")
+                              f"the data has {facts.languages}", file=source, field="train.alpha",
+                              hint="set train.alpha=1 or add translations")
 
 
 def rows_for_rank(iterator, rank: int, world_size: int) -> pa.Table:

@@ -15,6 +15,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raysys.config import Config
 from raysys.model.default import resolve_model_path
+from raysys.model.encoder import check_model
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
 from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE
 from raysys.train.loop import train_loop_per_worker
@@ -55,6 +56,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
     facts = facts_to_dict(compute_facts(datasets["train"], config, source=config.data.train))
     facts["splits"] = sorted(datasets)
     model_path = resolve_model_path(config.model.name_or_path)  # build the default model once, here
+    check_model(model_path)  # a bad model path fails in the driver with one line
     storage = t.storage_path or str(Path(config.output_dir, "ray").resolve())
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
@@ -78,7 +80,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
 
 
 def train(config: Config, *, callbacks: list | None = None) -> TrainOutcome:
-    ensure_ray()
+    ensure_ray()  # Ray Data needs Ray even for local files; data errors still come first (driver side)
     result = build_trainer(config, callbacks=callbacks).fit()
     if result.error:
         raise result.error
