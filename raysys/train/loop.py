@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
 from collections import Counter
 
@@ -64,10 +65,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- resume: same schedule position, same optimizer and LR-scheduler state -------------
     global_step, last_val = 0, float("nan")
     history: dict[str, list] = {"loss": [], "batch": [], "kinds": []}  # per step, kept in checkpoints
-    checkpoint = ray.train.get_checkpoint() or checkpoint_from_path(loop_config.get("resume_from"))
+    restored = ray.train.get_checkpoint()  # set when Ray Train restarts the worker group after a failure
+    checkpoint = restored or checkpoint_from_path(loop_config.get("resume_from"))
+    restores = 0
     if checkpoint is not None:
         state = load_checkpoint(engine, checkpoint)
         global_step, last_val, history = state["global_step"], state["val_loss"], state["history"]
+        restores = state.get("restores", 0) + 1
     kinds = Counter(history["kinds"])
     logger = MetricsLogger(config, rank, ctx.get_experiment_name())
 
@@ -118,11 +122,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 # Checkpoints are ranked by validation loss (training loss when there is none).
                 metrics["val_loss"] = last_val if last_val == last_val else metrics["loss"]
                 state = {"global_step": global_step, "val_loss": metrics["val_loss"], "seed": config.seed,
-                         "config": config.to_dict(), "metrics": metrics, "history": history}
+                         "config": config.to_dict(), "metrics": metrics, "history": history, "restores": restores}
                 save_and_report(engine, state, metrics, export=last)
             elif global_step % t.log_every == 0:
                 ray.train.report(metrics)
+            if loop_config.get("crash_after_step") == global_step and rank == 1:
+                inject_crash_once(config.output_dir)
     logger.close()
+
+
+def inject_crash_once(output_dir: str) -> None:
+    """Fault injection for reliability tests: SIGKILL this worker, once per output directory."""
+    marker = os.path.join(output_dir, ".raysys-fault-injected")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def encoder_settings(config: Config) -> EncoderSettings:

@@ -64,7 +64,9 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": str(model_path),
-                           "resume_from": t.resume_from},
+                           "resume_from": t.resume_from,
+                           # Fault injection for reliability tests: SIGKILL rank 1 once after this step.
+                           "crash_after_step": int(os.environ.get("RAYSYS_FAULT_CRASH_AFTER_STEP", 0))},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

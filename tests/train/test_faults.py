@@ -1,0 +1,52 @@
+"""Worker failures: a SIGKILLed Ray Train worker is recovered from the latest checkpoint by
+FailureConfig, and a failed job resumed by hand from its run directory; both finish with the
+same steps, the same batch schedule and the same losses as an uninterrupted run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from raysys.errors import RaysysError
+from raysys.train.checkpoint import STATE_FILE
+from raysys.train.run import train
+from tests.train.test_trainer import tiny_config
+
+pytestmark = pytest.mark.timeout(900)
+STEPS = dict(max_steps=8, checkpoint_every=4, eval_every=4, keep_checkpoints=3)
+
+
+def final_state(outcome) -> dict:
+    return json.loads((Path(outcome.checkpoint_path) / STATE_FILE).read_text())
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("reference")
+    return final_state(train(tiny_config(tmp, tiny_model_dir, "reference", **STEPS)))
+
+
+def test_killed_worker_is_recovered_from_the_latest_checkpoint(reference, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RAYSYS_FAULT_CRASH_AFTER_STEP", "6")  # checkpoint at 4, crash at 6
+    state = final_state(train(tiny_config(tmp_path, tiny_model_dir, "recovered", max_failures=1, **STEPS)))
+    assert state["restores"] == 1, "the worker group was not restarted from a checkpoint"
+    assert state["global_step"] == reference["global_step"] == 8
+    assert state["history"]["batch"] == reference["history"]["batch"]
+    np.testing.assert_allclose(state["history"]["loss"], reference["history"]["loss"], rtol=1e-4)
+    assert state["val_loss"] == pytest.approx(reference["val_loss"], rel=1e-4)
+
+
+def test_failed_job_resumes_by_hand_from_its_run_directory(reference, tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("RAYSYS_FAULT_CRASH_AFTER_STEP", "6")  # checkpoint at 4, crash at 6
+    monkeypatch.setenv("RAYSYS_RUN_NAME", "crashed")
+    with pytest.raises(Exception) as failure:
+        train(tiny_config(tmp_path, tiny_model_dir, "crashed", max_failures=0, **STEPS))
+    assert not isinstance(failure.value, RaysysError)  # a crash, not a user error
+    run_dir = tmp_path / "ray" / "crashed"
+    monkeypatch.delenv("RAYSYS_FAULT_CRASH_AFTER_STEP")
+    monkeypatch.setenv("RAYSYS_RUN_NAME", "resumed")
+    state = final_state(train(tiny_config(tmp_path, tiny_model_dir, "resumed", resume_from=str(run_dir), **STEPS)))
+    assert state["restores"] == 1 and state["global_step"] == 8
+    assert state["history"]["batch"] == reference["history"]["batch"]
+    np.testing.assert_allclose(state["history"]["loss"], reference["history"]["loss"], rtol=1e-4)
