@@ -21,9 +21,10 @@ QUICK_OVERRIDES = {"train": {"max_steps": 4, "global_batch_size": 8, "checkpoint
 
 
 def quick_config(config: Config) -> Config:
-    raw = config.to_dict()
+    """Smaller budget and 3 languages; explicit overrides of those keys still win."""
+    raw, defaults = config.to_dict(), Config().to_dict()
     for section, values in QUICK_OVERRIDES.items():
-        raw[section].update(values)
+        raw[section].update({k: v for k, v in values.items() if raw[section][k] == defaults[section][k]})
     raw["name"] = raw["name"] + "-quick"
     return Config.from_dict(raw)
 
