@@ -1,88 +1,179 @@
 """Distributed encoding: a Ray Data actor pool turns texts into embedding shards on disk.
 
 Each actor loads the model once (`__init__`) and encodes batches (`__call__`), one GPU per actor
-on a cluster, CPU actors here (Ray's batch-inference pattern). Texts are sorted by length so a
-batch holds similar lengths, and each actor batch is cut into token-budget sub-batches, which
-removes most padding. Embeddings are written as NumPy shards with their row ids
-(`<name>-00000.npz`), atomically; shards already on disk are not encoded again.
+on a cluster, CPU actors here (Ray's batch-inference pattern). One actor batch is one shard of
+rows (`shard_size`): the actor tokenizes the shard once, sorts it by token length and cuts it
+into token-budget sub-batches (rows x longest row <= `batch_tokens`), so padding all but
+disappears; it streams its embeddings back every few hundred rows. Embeddings are written as
+NumPy shards with their row ids (`<name>-00000.npz`), atomically; shards already on disk, and
+encoded the same way (`fast_path`), are not encoded again.
+
+`fast_path` (opt-in, approximate): "bf16" runs the backbone in bfloat16 (CPUs with AVX512-BF16
+or AMX, and GPUs; on GPUs bf16 is already the default), "int8" applies PyTorch dynamic int8
+quantization (per-channel weights) to every Linear layer (CPU only). None: exact fp32 on CPU.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray.data
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from raysys.model.encoder import BiEncoder, EncoderSettings
+from raysys.errors import ConfigError
+from raysys.model.encoder import BiEncoder, EncoderSettings, pool
+
+log = logging.getLogger(__name__)
+
+FAST_PATHS = ("bf16", "int8")
+# Token budget per sub-batch when none is given: small batches stay in cache on CPU (1024 was
+# ~1.7x faster than 8192 for multilingual-e5-small on 2 cores, bench/results/encode.json); GPUs
+# want large ones.
+CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 1024, 8192
+STREAM_ROWS = 256  # an actor hands back embeddings every this many rows (progress, memory)
+
+
+def check_fast_path(fast_path: str | None) -> str | None:
+    """None/""/"none"/"fp32" -> None; else one of FAST_PATHS (ConfigError otherwise)."""
+    if fast_path is None or str(fast_path).lower() in ("", "none", "fp32", "off", "false"):
+        return None
+    value = str(fast_path).lower()
+    if value not in FAST_PATHS:
+        raise ConfigError(f"eval fast_path must be one of {', '.join(FAST_PATHS)} or none, got {fast_path!r}")
+    return value
+
+
+def apply_fast_path(model: BiEncoder, fast_path: str | None, device: torch.device) -> BiEncoder:
+    """Convert the backbone in place for an approximate, faster encoding path."""
+    fast_path = check_fast_path(fast_path)
+    if fast_path == "bf16":
+        if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            log.warning("fast_path=bf16: this CPU has no native bf16 matrix instructions; expect it to be slower")
+        model.backbone.to(torch.bfloat16)
+    elif fast_path == "int8":
+        if device.type != "cpu":
+            raise ConfigError("fast_path=int8 (PyTorch dynamic quantization) runs on CPU only; use bf16 on GPUs")
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+        with warnings.catch_warnings():  # torch deprecates its quantized tensor types (still works in 2.13)
+            warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated",
+                                    category=UserWarning)
+            model.backbone = quantize_dynamic(model.backbone, {torch.nn.Linear: per_channel_dynamic_qconfig},
+                                              dtype=torch.qint8)
+    return model
 
 
 class EncoderActor:
     """Ray Data callable class: model loaded once per actor, inference mode, bf16 on GPU."""
 
-    def __init__(self, model_path: str, settings: dict, batch_tokens: int = 8192, threads: int | None = None):
+    def __init__(self, model_path: str, settings: dict, batch_tokens: int | None = None, threads: int | None = None,
+                 fast_path: str | None = None):
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
         self.model = BiEncoder.from_pretrained(model_path, EncoderSettings(**settings), torch_dtype=dtype)
         self.model.to(self.device).eval()
-        self.batch_tokens = batch_tokens
+        apply_fast_path(self.model, fast_path, self.device)
+        self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS)
+        tok = self.model.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.pad_left = getattr(tok, "padding_side", "right") == "left"
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts, kinds = batch["text"].tolist(), batch["kind"].tolist()
-        out = np.zeros((len(texts), self.model.backbone.config.hidden_size), dtype=np.float32)
+    def __call__(self, batch: dict[str, np.ndarray]):
+        """Yields {"row", "embedding"} every STREAM_ROWS rows, shortest texts first."""
+        texts, kinds, rows = batch["text"].tolist(), batch["kind"].tolist(), np.asarray(batch["row"])
+        dim = self.model.backbone.config.hidden_size
+        done_idx: list[int] = []
+        done_emb: list[np.ndarray] = []
         for kind in sorted(set(kinds)):
             idx = [i for i, k in enumerate(kinds) if k == kind]
-            for chunk in self._token_budget_chunks(idx, texts, kind):
-                with torch.inference_mode():
-                    enc = self.model.tokenize([texts[i] for i in chunk], kind)
-                    emb = self.model(enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device))
-                out[chunk] = emb.float().cpu().numpy()
-        return {"row": batch["row"], "embedding": out}
+            ids = self._tokenize([texts[i] for i in idx], kind)
+            for chunk in token_budget_chunks([len(x) for x in ids], self.batch_tokens):
+                done_emb.append(self._embed([ids[j] for j in chunk]))
+                done_idx.extend(idx[j] for j in chunk)
+                if len(done_idx) >= STREAM_ROWS:
+                    yield {"row": rows[done_idx], "embedding": np.concatenate(done_emb).reshape(-1, dim)}
+                    done_idx, done_emb = [], []
+        if done_idx:
+            yield {"row": rows[done_idx], "embedding": np.concatenate(done_emb).reshape(-1, dim)}
 
-    def _token_budget_chunks(self, idx: list[int], texts: list[str], kind: str):
-        """Sub-batches whose padded size (rows x longest row) stays under the token budget."""
+    def _tokenize(self, texts: list[str], kind: str) -> list[list[int]]:
+        """Token ids exactly as BiEncoder.tokenize makes them (prefix, truncation), unpadded."""
         s = self.model.settings
-        limit = s.max_query_length if kind == "query" else s.max_passage_length
-        lengths = {i: min(limit, len(ids)) for i, ids in
-                   zip(idx, self.model.tokenizer([texts[i] for i in idx], add_special_tokens=True)["input_ids"])}
-        idx = sorted(idx, key=lambda i: lengths[i])
-        chunk, longest = [], 0
-        for i in idx:
-            longest_if_added = max(longest, lengths[i])
-            if chunk and longest_if_added * (len(chunk) + 1) > self.batch_tokens:
-                yield chunk
-                chunk, longest_if_added = [], lengths[i]
-            chunk.append(i)
-            longest = longest_if_added
-        if chunk:
-            yield chunk
+        prefix, limit = ((s.query_prefix, s.max_query_length) if kind == "query"
+                         else (s.passage_prefix, s.max_passage_length))
+        return self.model.tokenizer([prefix + t for t in texts], truncation=True, max_length=limit)["input_ids"]
+
+    def _embed(self, seqs: list[list[int]]) -> np.ndarray:
+        longest = max(len(x) for x in seqs)
+        input_ids = torch.full((len(seqs), longest), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), longest), dtype=torch.long)
+        for j, seq in enumerate(seqs):
+            cols = slice(longest - len(seq), longest) if self.pad_left else slice(0, len(seq))
+            input_ids[j, cols] = torch.tensor(seq, dtype=torch.long)
+            mask[j, cols] = 1
+        with torch.inference_mode():
+            input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+            hidden = self.model.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            emb = pool(hidden.float(), mask, self.model.settings.pooling)  # pool in fp32 on every path
+            if self.model.settings.normalize:
+                emb = F.normalize(emb, p=2, dim=-1)
+        return emb.cpu().numpy()
+
+
+def token_budget_chunks(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Positions grouped shortest first into sub-batches whose padded size (rows x longest row)
+    stays within `batch_tokens` (a longer row than the budget gets a sub-batch of its own)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    chunks, chunk, longest = [], [], 0
+    for i in order:
+        longest_if_added = max(longest, lengths[i])
+        if chunk and longest_if_added * (len(chunk) + 1) > batch_tokens:
+            chunks.append(chunk)
+            chunk, longest_if_added = [], lengths[i]
+        chunk.append(i)
+        longest = longest_if_added
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, settings: EncoderSettings,
-                 out_dir: str | os.PathLike, name: str, shard_size: int = 4096, batch_tokens: int = 8192,
+                 out_dir: str | os.PathLike, name: str, shard_size: int = 4096, batch_tokens: int | None = None,
                  num_encoders: int = 1, use_gpu: bool = False, threads: int | None = None,
-                 progress: bool = True) -> np.ndarray:
-    """Encode `texts` (row i -> embedding i), reusing shards already in `out_dir`; returns [N, d]."""
+                 progress: bool = True, fast_path: str | None = None) -> np.ndarray:
+    """Encode `texts` (row i -> embedding i), reusing shards already in `out_dir`; returns [N, d].
+
+    batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU).
+    One actor batch is one shard, so with `num_encoders` actors up to that many shards are
+    encoded at once. `fast_path` ("bf16", "int8"; None = exact) is recorded in each shard, and a
+    shard encoded another way is encoded again."""
+    fast_path = check_fast_path(fast_path)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
+    if len(kinds) != len(texts):
+        raise ValueError(f"{len(kinds)} kinds for {len(texts)} texts")
     shard_paths = [out_dir / f"{name}-{i:05d}.npz" for i in range(-(-len(texts) // shard_size))]
-    missing = [i for i, p in enumerate(shard_paths) if not _valid_shard(p, i, shard_size, len(texts))]
+    missing = [i for i, p in enumerate(shard_paths) if not _valid_shard(p, i, shard_size, len(texts), fast_path)]
     if missing:
+        # Shard by shard (only the last shard can be short, and it comes last), so every actor
+        # batch of shard_size rows is exactly one shard; the actor sorts it by token length.
         rows = np.concatenate([np.arange(i * shard_size, min((i + 1) * shard_size, len(texts))) for i in missing])
-        # Length order: each actor batch then holds texts of similar length (less padding).
-        rows = rows[np.argsort([len(texts[r]) for r in rows], kind="stable")]
         table = pa.table({"row": rows, "text": [texts[r] for r in rows], "kind": [kinds[r] for r in rows]})
         ds = ray.data.from_arrow(table).map_batches(
             EncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
-                                                 "batch_tokens": batch_tokens, "threads": threads},
-            batch_size=256, batch_format="numpy", concurrency=num_encoders,
+                                                 "batch_tokens": batch_tokens, "threads": threads,
+                                                 "fast_path": fast_path},
+            batch_size=shard_size, batch_format="numpy", concurrency=num_encoders,
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
         pending: dict[int, dict[int, np.ndarray]] = {i: {} for i in missing}
         bar = tqdm(total=len(rows), desc=f"encode {name}", unit="text", disable=not progress)
@@ -91,9 +182,11 @@ def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, se
                 shard = int(row) // shard_size
                 pending[shard][int(row)] = emb
                 if len(pending[shard]) == _shard_len(shard, shard_size, len(texts)):
-                    _write_shard(shard_paths[shard], pending.pop(shard))
+                    _write_shard(shard_paths[shard], pending.pop(shard), fast_path)
             bar.update(len(batch["row"]))
         bar.close()
+        if pending:  # an actor returned fewer rows than it was given: never silently short
+            raise RuntimeError(f"encode {name}: shards {sorted(pending)} came back incomplete")
     return np.concatenate([np.load(p)["embedding"] for p in shard_paths]) if shard_paths else np.zeros((0, 0))
 
 
@@ -101,23 +194,26 @@ def _shard_len(shard: int, shard_size: int, total: int) -> int:
     return min(shard_size, total - shard * shard_size)
 
 
-def _valid_shard(path: Path, shard: int, shard_size: int, total: int) -> bool:
+def _valid_shard(path: Path, shard: int, shard_size: int, total: int, fast_path: str | None = None) -> bool:
     if not path.exists():
         return False
     try:
         with np.load(path) as z:
             rows = z["row"]
-            return len(rows) == _shard_len(shard, shard_size, total) and int(rows[0]) == shard * shard_size
+            made_by = str(z["fast_path"]) if "fast_path" in z.files else ""
+            return (len(rows) == _shard_len(shard, shard_size, total) and int(rows[0]) == shard * shard_size
+                    and z["embedding"].shape[0] == len(rows) and made_by == (fast_path or ""))
     except Exception:  # truncated or corrupt: encode it again
         return False
 
 
-def _write_shard(path: Path, rows_to_emb: dict[int, np.ndarray]) -> None:
+def _write_shard(path: Path, rows_to_emb: dict[int, np.ndarray], fast_path: str | None = None) -> None:
     rows = np.array(sorted(rows_to_emb), dtype=np.int64)
     emb = np.stack([rows_to_emb[r] for r in rows]).astype(np.float32)
+    extra = {"fast_path": np.array(fast_path)} if fast_path else {}
     tmp = path.with_name(path.name + ".tmp.npz")
     with open(tmp, "wb") as f:
-        np.savez(f, row=rows, embedding=emb)
+        np.savez(f, row=rows, embedding=emb, **extra)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)

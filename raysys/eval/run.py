@@ -64,9 +64,10 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     texts_q = corpus.questions.column("text").to_pylist()
     texts_c = corpus.candidates.column("text").to_pylist()
     key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), name,
-                     e.split, str(len(texts_q)), str(len(texts_c)))
+                     e.split, str(len(texts_q)), str(len(texts_c)), *([e.fast_path] if e.fast_path else []))
     emb_dir = work_dir / "embeddings" / f"{Path(str(name)).name}-{key}"
     common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
+                  fast_path=e.fast_path,
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
     ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
@@ -96,9 +97,11 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         corpus = read_corpus(root / lang / "corpus.jsonl")
         check_qrels_against_corpus(qrels, set(corpus), root / lang / "qrels.tsv")
         docids, qids = list(corpus), list(topics)
-        key = _cache_key(_model_fingerprint(model_path), str(root), lang, str(len(docids)), str(len(qids)))
+        key = _cache_key(_model_fingerprint(model_path), str(root), lang, str(len(docids)), str(len(qids)),
+                         *([e.fast_path] if e.fast_path else []))
         common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
-                      batch_tokens=e.batch_tokens, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
+                      batch_tokens=e.batch_tokens, fast_path=e.fast_path, num_encoders=e.num_encoders,
+                      use_gpu=config.train.use_gpu,
                       threads=_encoder_threads(e), progress=progress)
         ensure_ray()
         d_emb = encode_texts([corpus[d] for d in docids], "passage", name="corpus", **common)
