@@ -21,15 +21,6 @@ ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    yield
-    ray.shutdown()
-
 
 def _jsonl(path: Path, rows: list, gz: bool = False) -> Path:
     text = "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)

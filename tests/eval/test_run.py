@@ -4,8 +4,6 @@ Ray Data encoding and FAISS, and `raysys eval` comparing two models."""
 import json
 from pathlib import Path
 
-import pytest
-
 from raysys.cli import main
 from raysys.config import Config
 from raysys.eval.run import evaluate
