@@ -1,7 +1,9 @@
 """End to end on a real Ray head: `ray start --head` on 127.0.0.1, `ray job submit` a small
 training + evaluation job (the quick demo with the tiny model), wait for SUCCEEDED, check outputs."""
 
+import contextlib
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -24,21 +26,58 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _processes_under(temp_dir: str) -> list[int]:
+    """Pids whose command line names this head's temp dir (every process of that Ray instance does)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if temp_dir in cmdline and int(entry.name) != os.getpid():
+                pids.append(int(entry.name))
+    return pids
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head bound to 127.0.0.1, always stopped afterwards."""
+    """A Ray head bound to 127.0.0.1, in its own process group, and only that head is stopped
+    afterwards: `ray stop` would kill every Ray instance on the machine, including the suite's
+    own `ray_local` session (and its driver, this pytest process, with it)."""
     port, dashboard = free_port(), free_port()
     # Ray's Unix sockets live under --temp-dir: keep it short (socket paths max ~107 bytes).
     temp_dir = tempfile.mkdtemp(prefix="rayt-", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAYSYS_CACHE": str(tmp_path / "cache")}
-    subprocess.run([BIN / "ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                    "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=4",
-                    "--include-dashboard=true", f"--temp-dir={temp_dir}"],
-                   check=True, env=env, capture_output=True, timeout=180)
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen([BIN / "ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                             "--num-cpus=4", "--include-dashboard=true", f"--temp-dir={temp_dir}",
+                             # its own agent ports: the defaults (52365, ...) are taken when another
+                             # Ray instance runs here, e.g. the suite's `ray_local`, and then no job agent starts
+                             *(f"--{flag}={free_port()}" for flag in (
+                                 "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                 "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port"))],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    client_env = {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
     try:
-        yield {**env, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard}"}
+        deadline = time.time() + 180
+        while subprocess.run([BIN / "ray", "job", "list"], env=client_env, capture_output=True,
+                             timeout=60).returncode != 0:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.time() < deadline, "the Ray head did not come up in 3 minutes"
+            time.sleep(2)
+        yield client_env
     finally:
-        subprocess.run([BIN / "ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            for pid in _processes_under(temp_dir):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(3)
+        head.wait(timeout=30)
+        assert not _processes_under(temp_dir), "processes of the test head survived"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -47,9 +86,14 @@ def test_job_submit_trains_and_evaluates(ray_head, tmp_path, tiny_model_dir, xqu
     entrypoint = [str(BIN / "python"), str(REPO_ROOT / "jobs" / "demo.py"), "--quick",
                   f"model.name_or_path={tiny_model_dir}", f"data.train={XQUAD_R_DIR}",
                   f"eval.datasets=[{XQUAD_R_DIR}]", "eval.max_length=48", f"output_dir={out}", "name=jobtest"]
-    submitted = subprocess.run([BIN / "ray", "job", "submit", "--no-wait", "--submission-id", "raysys-e2e",
-                                "--", *entrypoint], env=ray_head, capture_output=True, text=True, timeout=120)
-    assert submitted.returncode == 0, submitted.stderr
+    deadline = time.time() + 120
+    while True:  # the head answers before its node's job agent is up ("No available agent ... try again")
+        submitted = subprocess.run([BIN / "ray", "job", "submit", "--no-wait", "--submission-id", "raysys-e2e",
+                                    "--", *entrypoint], env=ray_head, capture_output=True, text=True, timeout=120)
+        if submitted.returncode == 0 or "No available agent" not in submitted.stderr or time.time() > deadline:
+            break
+        time.sleep(3)
+    assert submitted.returncode == 0, submitted.stderr[-3000:]
     def ray_job(*args) -> str:
         done = subprocess.run([BIN / "ray", "job", *args], env=ray_head, capture_output=True, text=True, timeout=120)
         return done.stdout + done.stderr
