@@ -52,7 +52,9 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     alpha: float = 0.5  # probability that a step's global batch is monolingual
-    global_batch_size: int = 16  # pairs per optimizer step over all workers
+    # Pairs per hybrid batch over all workers (the in-batch negative pool); an optimizer step
+    # accumulates gradient_accumulation_steps such batches.
+    global_batch_size: int = 16
     epochs: int = 2
     max_steps: int | None = 60  # stop after this many optimizer steps (None: full epochs)
     lr: float = 3e-5
@@ -84,7 +86,9 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     datasets: list[str] = field(default_factory=lambda: ["xquad-r"])
-    split: str = "test"  # test | validation | all: which articles of each dataset to score
+    # Which articles of each dataset to score: auto (the training dataset's held-out test articles,
+    # every article of any other dataset: zero-shot) | test | validation | all
+    split: str = "auto"
     batch_tokens: int | None = None  # padded tokens per encoder forward; None: 1024 on CPU, 8192 on GPU
     fast_path: str | None = None  # None: exact fp32 | "bf16" (~3x on AVX512-BF16 CPUs, no mAP lost) | "int8" (lossy)
     num_encoders: int = 1  # Ray Data actor-pool size
@@ -202,8 +206,8 @@ class Config:
                     raise fail("data.languages", f"unknown language code {code!r}",
                                "use ISO 639-1 codes such as en, de, zh")
         e = self.eval
-        if e.split not in ("test", "validation", "all"):
-            raise fail("eval.split", f"unknown split {e.split!r}", "use test, validation or all")
+        if e.split not in ("auto", "test", "validation", "all"):
+            raise fail("eval.split", f"unknown split {e.split!r}", "use auto, test, validation or all")
         for key in ("batch_tokens", "num_encoders", "num_shards", "top_k", "max_length"):
             if getattr(e, key) is not None and getattr(e, key) < 1:
                 raise fail(f"eval.{key}", f"{getattr(e, key)} is below 1", "use a positive integer")

@@ -60,12 +60,15 @@ class BiEncoder(nn.Module):
                               "model.safetensors or pytorch_model.bin, e.g. a training run's hf_model/") from None
         return cls(backbone, tokenizer, settings or _settings_from_dir(path))
 
-    def tokenize(self, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list[str], kind: str, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """Prefixed, truncated, padded tensors; on `device` when given (a DeepSpeed engine does
+        not move its inputs, so GPU training passes `engine.device`)."""
         s = self.settings
         prefix, max_len = ((s.query_prefix, s.max_query_length) if kind == "query"
                            else (s.passage_prefix, s.max_passage_length))
-        return self.tokenizer([prefix + t for t in texts], padding=True, truncation=True,
-                              max_length=max_len, return_tensors="pt")
+        batch = self.tokenizer([prefix + t for t in texts], padding=True, truncation=True,
+                               max_length=max_len, return_tensors="pt")
+        return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
@@ -73,9 +76,8 @@ class BiEncoder(nn.Module):
         return F.normalize(emb, p=2, dim=-1) if self.settings.normalize else emb
 
     def encode_texts(self, texts: list[str], kind: str) -> torch.Tensor:
-        batch = self.tokenize(texts, kind)
-        device = next(self.parameters()).device
-        return self(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        batch = self.tokenize(texts, kind, device=next(self.parameters()).device)
+        return self(batch["input_ids"], batch["attention_mask"])
 
     def save(self, out_dir: str | os.PathLike, state_dict: dict | None = None) -> Path:
         """Write an HF + sentence-transformers directory atomically (temp dir, then rename)."""

@@ -2,9 +2,10 @@
 
 A checkpoint directory holds DeepSpeed's files (tag `ds`), `raysys_state.json` (the step
 schedule's position, best validation loss, per-step history) and, for the final one, the
-exported HF model (`hf_model/`) plus probe embeddings from the in-training engine. Files are
-written atomically; an unreadable state marks a checkpoint incomplete, and resuming from a run
-directory skips such checkpoints for the newest complete one.
+exported HF model (`hf_model/`) plus probe embeddings from the in-training engine. Every rank
+adds a manifest of the files it wrote (`manifest-rank<r>.json`: relative path -> bytes). A
+checkpoint whose state is unreadable, or whose files do not match the manifests (a shard
+missing or truncated), is incomplete: resuming skips it for the newest complete one.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ STATE_FILE = "raysys_state.json"
 DS_TAG = "ds"
 EXPORT_DIR = "hf_model"
 PROBE_FILE = "probe_embeddings.json"
+MANIFEST_GLOB = "manifest-rank*.json"
 # Embedded by the in-training engine at export, so the exported model can be checked against it.
 PROBE_TEXTS = ["Where is the Eiffel Tower?", "Wo steht der Eiffelturm?", "埃菲尔铁塔在哪里？"]
 
@@ -40,13 +42,58 @@ def save_and_report(engine, state: dict, metrics: dict, export: bool) -> None:
             if rank == 0:
                 write_json_atomic(Path(tmp) / PROBE_FILE, {"texts": PROBE_TEXTS, "embeddings": probe})
             export_hf_model(engine, Path(tmp) / EXPORT_DIR, rank)
+        write_manifest(Path(tmp), rank)
         dist.barrier()
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
+def write_manifest(ckpt_dir: Path, rank: int) -> None:
+    files = {str(f.relative_to(ckpt_dir)): f.stat().st_size for f in sorted(ckpt_dir.rglob("*"))
+             if f.is_file() and not f.match(MANIFEST_GLOB)}
+    write_json_atomic(ckpt_dir / f"manifest-rank{rank}.json", files)
+
+
+def verify_checkpoint(ckpt_dir: Path) -> dict:
+    """The state, once every rank's manifest is there and every listed file has its size."""
+    state = read_state(ckpt_dir)
+    manifests = sorted(Path(ckpt_dir).glob(MANIFEST_GLOB))
+    expected = state.get("world_size", len(manifests))
+    hint = "resume from the run directory to use the newest complete checkpoint"
+    if len(manifests) < expected:
+        raise RaysysError(f"{ckpt_dir}: {len(manifests)} of {expected} rank manifests; the checkpoint is "
+                          f"incomplete ({hint})")
+    for manifest in manifests:
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise RaysysError(f"{manifest}: unreadable ({exc}); the checkpoint is incomplete ({hint})") from None
+        for name, size in files.items():
+            path = Path(ckpt_dir) / name
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != size:
+                found = "missing" if actual is None else f"{actual} bytes, {size} written"
+                raise RaysysError(f"{path}: {found}; the checkpoint is corrupted ({hint})")
+    return state
+
+
+def usable_checkpoint(checkpoint: ray.train.Checkpoint) -> ray.train.Checkpoint:
+    """Ray Train's latest checkpoint after a worker failure, or the newest complete one before
+    it in the same run directory when that one is corrupted."""
+    path = Path(checkpoint.path)
+    if not path.is_dir():  # remote storage: verified while loading
+        return checkpoint
+    try:
+        verify_checkpoint(path)
+        return checkpoint
+    except RaysysError as exc:
+        fallback = latest_checkpoint_dir(path.parent)
+        print(f"[raysys] {exc}; restoring {fallback} instead", flush=True)
+        return ray.train.Checkpoint.from_directory(str(fallback))
+
+
 def load_checkpoint(engine, checkpoint: ray.train.Checkpoint) -> dict:
     with checkpoint.as_directory() as ckpt_dir:
-        state = read_state(Path(ckpt_dir))
+        state = verify_checkpoint(Path(ckpt_dir))
         load_path, _ = engine.load_checkpoint(ckpt_dir, tag=DS_TAG)
         if load_path is None:
             raise RaysysError(f"{ckpt_dir}: DeepSpeed found no '{DS_TAG}' checkpoint; the checkpoint is incomplete")
@@ -56,7 +103,7 @@ def load_checkpoint(engine, checkpoint: ray.train.Checkpoint) -> dict:
 @torch.no_grad()
 def probe_embeddings(engine) -> list[list[float]]:
     engine.eval()
-    batch = engine.module.tokenize(PROBE_TEXTS, "query")
+    batch = engine.module.tokenize(PROBE_TEXTS, "query", engine.device)
     embeddings = engine(batch["input_ids"], batch["attention_mask"]).float().cpu().tolist()
     engine.train()
     return embeddings
@@ -89,14 +136,14 @@ def latest_checkpoint_dir(path: Path) -> Path:
     if not path.exists():
         raise RaysysError(f"{path}: resume_from does not exist")
     if (path / STATE_FILE).exists():
-        read_state(path)  # a clear error if it is truncated
+        verify_checkpoint(path)  # a clear error if it is truncated or a shard is missing
         return path
     candidates = []
     for child in path.glob("checkpoint_*"):
         if not child.is_dir():
             continue
         try:
-            candidates.append((read_state(child)["global_step"], child))
+            candidates.append((verify_checkpoint(child)["global_step"], child))
         except RaysysError:  # an incomplete checkpoint (crash mid-write) is skipped, not fatal
             continue
     if not candidates:

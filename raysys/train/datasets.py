@@ -54,7 +54,9 @@ def load_split_datasets(config: Config) -> dict[str, ray.data.Dataset]:
 
     ds = read_pairs(location)
     if data.languages:
-        wanted = set(data.languages)
+        from raysys.data.languages import normalize_language
+
+        wanted = {normalize_language(code) for code in data.languages}  # rows hold normalised codes
         ds = ds.filter(lambda row: row["lang"] in wanted)
     return _hash_split(ds, data.validation_fraction, data.test_fraction)
 
@@ -119,13 +121,14 @@ def check_batch_capacity(facts: DataFacts, config: Config, source: str | None = 
                               hint="set train.alpha=1 or add translations")
 
 
-def rows_for_rank(iterator, rank: int, world_size: int) -> pa.Table:
+def rows_for_rank(iterator, rank: int, world_size: int, allow_empty: bool = False) -> pa.Table | None:
     """Collect this worker's shard from a Ray Data iterator: the rows whose parallel id hashes to it.
 
     Sharding by id (not by block) keeps all language versions of an id on one worker, which is
     what makes cross-lingual pairs local and a global batch free of duplicate ids; it is also
     deterministic, unlike streaming_split's timing-dependent block assignment, so a resumed or
-    repeated run sees the same shards.
+    repeated run sees the same shards. An empty shard is an error, or None with `allow_empty`
+    (a validation split may be empty).
     """
     from raysys.data.hybrid import shard_of
 
@@ -133,9 +136,13 @@ def rows_for_rank(iterator, rank: int, world_size: int) -> pa.Table:
     for batch in iterator.iter_batches(batch_format="pyarrow", batch_size=8192):
         mask = pa.array([shard_of(pid, world_size) == rank for pid in batch.column("id").to_pylist()])
         parts.append(batch.filter(mask))
-    if not parts:
-        raise DataError(f"worker {rank} received no rows")
-    return pa.concat_tables(parts)
+    rows = pa.concat_tables(parts) if parts else None
+    if rows is None or rows.num_rows == 0:
+        if allow_empty:
+            return None
+        raise DataError(f"worker {rank} of {world_size} received no training rows",
+                        hint="give more parallel ids or fewer workers")
+    return rows
 
 
 def facts_to_dict(facts: DataFacts) -> dict:

@@ -13,13 +13,16 @@ import signal
 import time
 from collections import Counter
 
+import numpy as np
 import torch
 
 import ray.train
 from raysys.config import Config
 from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems
+from raysys.errors import RaysysError
 from raysys.model.encoder import BiEncoder, EncoderSettings
-from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report
+from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report,
+                                     usable_checkpoint)
 from raysys.train.collectives import all_reduce_min, mean_over_ranks
 from raysys.train.datasets import rows_for_rank
 from raysys.train.deepspeed_config import build_deepspeed_config
@@ -45,10 +48,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batcher = HybridBatcher(train_items, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,
                             use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"])
-    steps_per_epoch = all_reduce_min(batcher.local_steps_per_epoch())  # identical on all ranks
-    total_steps = t.epochs * steps_per_epoch if t.max_steps is None else min(t.max_steps, t.epochs * steps_per_epoch)
-    val_rows = (rows_for_rank(ray.train.get_dataset_shard("validation"), rank, world)
+    # The schedule counts micro-steps (one global batch each); an optimizer step takes
+    # `gradient_accumulation_steps` of them. max_steps, checkpoints and reports count optimizer steps.
+    accumulation = t.gradient_accumulation_steps
+    steps_per_epoch = all_reduce_min(batcher.local_steps_per_epoch())  # micro-steps, identical on all ranks
+    total_steps = t.epochs * steps_per_epoch // accumulation
+    if t.max_steps is not None:
+        total_steps = min(t.max_steps, total_steps)
+    if total_steps < 1:
+        raise RaysysError(f"train.gradient_accumulation_steps={accumulation} needs more hybrid batches than the "
+                          f"{t.epochs} epoch(s) x {steps_per_epoch} this data gives: lower it or raise train.epochs")
+    val_rows = (rows_for_rank(ray.train.get_dataset_shard("validation"), rank, world, allow_empty=True)
                 if "validation" in facts["splits"] else None)
+    # Validation is collective: every rank validates, or none does (an empty validation shard).
+    if not all_reduce_min(int(val_rows is not None)):
+        val_rows = None
     val_batches = (validation_batches(ParallelItems(val_rows), facts["languages"], config.seed, rank, local_batch)
                    if val_rows is not None else [])
 
@@ -57,71 +71,75 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~65 s JIT build on CPU
     model = BiEncoder.from_pretrained(model_path, encoder_settings(config))
-    ds_config = build_deepspeed_config(t, total_steps=-(-total_steps // t.gradient_accumulation_steps),
-                                       world_size=world)
+    ds_config = build_deepspeed_config(t, total_steps=total_steps, world_size=world)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
 
     # ---- resume: same schedule position, same optimizer and LR-scheduler state -------------
-    global_step, last_val = 0, float("nan")
-    history: dict[str, list] = {"loss": [], "batch": [], "kinds": []}  # per step, kept in checkpoints
+    global_step = 0  # optimizer steps
+    history: dict[str, list] = {"loss": [], "batch": [], "kinds": []}  # per micro-step, kept in checkpoints
     restored = ray.train.get_checkpoint()  # set when Ray Train restarts the worker group after a failure
-    checkpoint = restored or checkpoint_from_path(loop_config.get("resume_from"))
+    checkpoint = usable_checkpoint(restored) if restored else checkpoint_from_path(loop_config.get("resume_from"))
     restores = 0
     if checkpoint is not None:
         state = load_checkpoint(engine, checkpoint)
-        global_step, last_val, history = state["global_step"], state["val_loss"], state["history"]
+        global_step, history = state["global_step"], state["history"]
         restores = state.get("restores", 0) + 1
     kinds = Counter(history["kinds"])
     logger = MetricsLogger(config, rank, ctx.get_experiment_name())
 
     # ---- steps --------------------------------------------------------------------------------
     pairs_done, window_start = 0, time.perf_counter()
-    for epoch in range(global_step // max(steps_per_epoch, 1), t.epochs):
-        start = global_step - epoch * steps_per_epoch
+    micro_step = global_step * accumulation  # checkpoints are taken at optimizer-step boundaries
+    for epoch in range(micro_step // max(steps_per_epoch, 1), t.epochs):
+        start = micro_step - epoch * steps_per_epoch
         for _, batch in batcher.epoch(epoch, steps_per_epoch, start_step=start):
             if global_step >= total_steps:
                 break
             engine.train()
             # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
-            torch.manual_seed(config.seed * 1_000_003 + global_step * 1_009 + rank)
-            q = engine.module.tokenize(batch.queries, "query")
-            p = engine.module.tokenize(batch.passages, "passage")
+            torch.manual_seed(config.seed * 1_000_003 + micro_step * 1_009 + rank)
+            q = engine.module.tokenize(batch.queries, "query", engine.device)
+            p = engine.module.tokenize(batch.passages, "passage", engine.device)
             q_emb = engine(q["input_ids"], q["attention_mask"])
             p_emb = engine(p["input_ids"], p["attention_mask"])
             n_emb = None
             if batch.hard_negatives is not None:
-                n = engine.module.tokenize(batch.hard_negatives, "passage")
+                n = engine.module.tokenize(batch.hard_negatives, "passage", engine.device)
                 n_emb = engine(n["input_ids"], n["attention_mask"])
             loss, accuracy = info_nce_loss(q_emb, p_emb, n_emb, temperature=t.temperature,
                                            symmetric=t.symmetric_loss)
             engine.backward(loss)
-            engine.step()
-            global_step += 1
+            engine.step()  # DeepSpeed steps the optimizer only at an accumulation boundary
+            micro_step += 1
             pairs_done += len(batch.queries) * world
 
             kinds[batch.plan.kind] += 1
-            history["loss"].append(mean_over_ranks(loss.item()))
+            history["loss"].append(mean_over_ranks(loss.item()))  # per micro-step
             history["batch"].append(batch_digest(batch))
             history["kinds"].append(batch.plan.kind)
-            metrics = {"step": global_step, "epoch": epoch, "loss": history["loss"][-1],
+            if micro_step % accumulation:
+                continue
+            global_step += 1
+            metrics = {"step": global_step, "epoch": epoch, "loss": float(np.mean(history["loss"][-accumulation:])),
                        "train_accuracy": accuracy.item(), "lr": engine.get_lr()[0],
                        "mono_steps": kinds[MONO], "cross_steps": kinds[CROSS]}
             last = global_step >= total_steps
-            if global_step % t.eval_every == 0 or last:
+            checkpointing = global_step % t.checkpoint_every == 0 or last
+            # Checkpoints are ranked by a validation loss of their own step, so validate there too.
+            if global_step % t.eval_every == 0 or checkpointing:
                 if val_batches:
                     metrics.update(validation_loss(engine, val_batches, t.temperature))
-                    last_val = metrics["val_loss"]
                 if t.val_retrieval and val_rows is not None:
                     metrics.update(validation_retrieval(engine, val_rows))
             if global_step % t.log_every == 0 or last:
                 metrics["pairs_per_s"] = pairs_done / max(time.perf_counter() - window_start, 1e-9)
                 pairs_done, window_start = 0, time.perf_counter()
             logger.log(metrics, total_steps)
-            if global_step % t.checkpoint_every == 0 or last:
-                # Checkpoints are ranked by validation loss (training loss when there is none).
-                metrics["val_loss"] = last_val if last_val == last_val else metrics["loss"]
-                state = {"global_step": global_step, "val_loss": metrics["val_loss"], "seed": config.seed,
+            if checkpointing:
+                metrics.setdefault("val_loss", metrics["loss"])  # no validation split: rank by training loss
+                state = {"global_step": global_step, "world_size": world, "val_loss": metrics["val_loss"],
+                         "seed": config.seed,
                          "config": config.to_dict(), "metrics": metrics, "history": history, "restores": restores}
                 save_and_report(engine, state, metrics, export=last)
             elif global_step % t.log_every == 0:

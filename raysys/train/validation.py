@@ -38,8 +38,8 @@ def validation_loss(engine, batches: list, temperature: float) -> dict:
     engine.eval()
     losses, accuracies = [], []
     for batch in batches:
-        q = engine.module.tokenize(batch.queries, "query")
-        p = engine.module.tokenize(batch.passages, "passage")
+        q = engine.module.tokenize(batch.queries, "query", engine.device)
+        p = engine.module.tokenize(batch.passages, "passage", engine.device)
         loss, acc = info_nce_loss(engine(q["input_ids"], q["attention_mask"]),
                                   engine(p["input_ids"], p["attention_mask"]), temperature=temperature)
         losses.append(loss.item())
@@ -55,7 +55,7 @@ def _encode(engine, texts: list[str], kind: str) -> np.ndarray:
     out = []
     for i in range(all_reduce_max(len(chunks))):  # equal forward count on every rank
         chunk = chunks[i] if i < len(chunks) else ["."]
-        batch = engine.module.tokenize(chunk, kind)
+        batch = engine.module.tokenize(chunk, kind, engine.device)
         emb = engine(batch["input_ids"], batch["attention_mask"]).float().cpu().numpy()
         if i < len(chunks):
             out.append(emb)
