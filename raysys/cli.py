@@ -43,7 +43,8 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     config = _config(args)
-    from raysys.eval.report import format_summary_table, write_comparison, write_report
+    from raysys.eval.lareqa import paired_bootstrap_settings
+    from raysys.eval.report import format_summary_table, is_lareqa, write_comparison, write_report
     from raysys.eval.run import evaluate
 
     out_dir = Path(args.out or Path(config.output_dir) / "eval")
@@ -54,8 +55,13 @@ def cmd_eval(args) -> None:
         paths = write_report(runs[label], out_dir / label, title=f"{label} ({model})")
         print(format_summary_table(runs[label]))
         print(f"report: {paths['summary.md']}")
-    if len(runs) > 1:
-        paths = write_comparison(runs, out_dir / "comparison")
+    if len(runs) > 1:  # side by side, with paired bootstrap CIs of each run against the first
+        first = next(iter(runs))
+        bootstrap = {f"{label} vs {first}": {name: paired_bootstrap_settings([runs[label]], [runs[first]], name,
+                                                                             config.eval.bootstrap_samples)
+                                             for name, result in runs[first].items() if is_lareqa(result)}
+                     for label in list(runs)[1:]}
+        paths = write_comparison(runs, out_dir / "comparison", baseline=first, bootstrap=bootstrap)
         print(paths["comparison.md"].read_text())
 
 

@@ -36,8 +36,9 @@ def run_demo(config: Config, quick: bool = False) -> dict:
     out = Path(config.output_dir) / config.name
     ensure_ray()
     base_model = resolve_model_path(config.model.name_or_path)
-    print(f"[demo] model: {base_model}\n[demo] evaluating the untrained model on the held-out "
-          f"{config.eval.split} articles of {', '.join(config.eval.datasets)}", flush=True)
+    print(f"[demo] model: {base_model}\n[demo] evaluating the untrained model on "
+          f"{', '.join(config.eval.datasets)} (eval.split={config.eval.split})",
+          flush=True)
     before = evaluate(base_model, config.eval.datasets, config, out / "eval")
     write_report(before, out / "eval" / "untrained", title="untrained")
     print(format_summary_table(before), flush=True)

@@ -17,7 +17,7 @@ import numpy as np
 
 from raysys.data.lareqa import LareqaCorpus
 from raysys.eval.index import ShardedIndex
-from raysys.eval.metrics import per_query_rank_metrics, relevant_ranks
+from raysys.eval.metrics import paired_bootstrap, per_query_rank_metrics, relevant_ranks
 
 KS = (1, 10)
 METRICS = ("map", "recall@1", "recall@10")
@@ -107,3 +107,23 @@ def per_query_setting_values(per_query: dict) -> dict[str, dict[str, float]]:
                 cross[unit].append(float(ap))
     return {"monolingual": mono, "cross_lingual": {u: float(np.mean(a)) for u, a in cross.items()},
             "multilingual": multi, "rank_distance": rd}
+
+
+BOOTSTRAP_SETTINGS = ("monolingual", "cross_lingual", "multilingual", "rank_distance")
+
+
+def paired_bootstrap_settings(runs_a: list[dict], runs_b: list[dict], dataset: str, samples: int) -> dict:
+    """Paired bootstrap of A - B per setting over query instances, each averaged over its runs
+    (seeds). Runs are `raysys.eval.run.evaluate` results keyed by dataset."""
+    def per_unit(seed_results):
+        tables = [per_query_setting_values(r[dataset]["per_query"]) for r in seed_results]
+        return {s: {u: float(np.mean([t[s][u] for t in tables])) for u in tables[0][s]} for s in BOOTSTRAP_SETTINGS}
+
+    values_a, values_b = per_unit(runs_a), per_unit(runs_b)
+    out = {}
+    for setting in BOOTSTRAP_SETTINGS:
+        units = sorted(set(values_a[setting]) & set(values_b[setting]))
+        a = np.array([values_a[setting][u] for u in units])
+        b = np.array([values_b[setting][u] for u in units])
+        out[setting] = paired_bootstrap(a, b, n_samples=samples)
+    return out

@@ -1,7 +1,8 @@
-"""Reports of LAReQA results: metrics.json, Markdown tables, per-pair CSV and PNG figures.
+"""Reports of evaluation results: metrics.json, Markdown tables, per-pair CSV and PNG figures.
 
-Inputs are `raysys.eval.lareqa.evaluate_lareqa` results keyed by dataset name (and, for
-comparisons, by run label). Figures use matplotlib's object API (Figure + Agg canvas), so no
+Inputs are results keyed by dataset name (and, for comparisons, by run label): LAReQA results
+(`raysys.eval.lareqa.evaluate_lareqa`: settings, pairs, figures) and MIRACL-style results
+(`raysys.eval.run.evaluate_miracl_dataset`: nDCG@10 / Recall@100 / MRR@10 per language). Figures use matplotlib's object API (Figure + Agg canvas), so no
 display or global pyplot state is involved. Every file is written atomically.
 """
 
@@ -22,7 +23,12 @@ from matplotlib.figure import Figure
 
 SETTINGS = ("monolingual", "cross_lingual", "multilingual")
 SHORT = {"monolingual": "Mono", "cross_lingual": "Cross", "multilingual": "Multi"}
-JSON_KEYS = ("summary", "pairs", "multilingual_per_language")  # per_query/top_k are raw arrays
+JSON_KEYS = ("summary", "pairs", "multilingual_per_language", "per_language")  # per_query/top_k are raw arrays
+
+
+def is_lareqa(result: dict) -> bool:
+    """LAReQA results have language-pair settings; MIRACL-style ones per-language IR metrics."""
+    return "pairs" in result
 
 
 def write_report(results: dict[str, dict], out_dir, title: str = "raysys evaluation") -> dict[str, Path]:
@@ -31,30 +37,43 @@ def write_report(results: dict[str, dict], out_dir, title: str = "raysys evaluat
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics.json": out / "metrics.json", "summary.md": out / "summary.md"}
     metrics = {name: {k: r[k] for k in JSON_KEYS if k in r} for name, r in results.items()}
-    _atomic_write(paths["metrics.json"], _to_json(metrics))
-    _atomic_write(paths["summary.md"], f"# {title}\n\n{format_summary_table(results)}")
+    atomic_write(paths["metrics.json"], _to_json(metrics))
+    atomic_write(paths["summary.md"], f"# {title}\n\n{format_summary_table(results)}")
     for name, result in results.items():
+        if not is_lareqa(result):
+            continue  # MIRACL-style: its per-language table is in summary.md
         safe = _safe_name(name)
         q_langs, c_langs, matrix = pair_matrix(result["pairs"])
         files = {kind: out / f"{kind}_{safe}.{'csv' if kind == 'pairs' else 'png'}"
                  for kind in ("pairs", "heatmap", "rank_distance")}
         _write_pairs_csv(files["pairs"], q_langs, c_langs, matrix)
-        _save(files["heatmap"], _heatmap(name, q_langs, c_langs, matrix))
-        _save(files["rank_distance"], _rank_distance_bars(name, result["multilingual_per_language"]))
+        save_figure(files["heatmap"], _heatmap(name, q_langs, c_langs, matrix))
+        save_figure(files["rank_distance"], _rank_distance_bars(name, result["multilingual_per_language"]))
         paths.update({path.name: path for path in files.values()})
     return paths
 
 
 def format_summary_table(results: dict[str, dict]) -> str:
-    """Markdown: mAP per setting + rank distance per dataset, then R@1 / R@10 per setting."""
+    """Markdown. LAReQA: mAP per setting + rank distance per dataset, then R@1 / R@10 per setting.
+    MIRACL-style: each IR metric per language and the macro mean."""
     main = [["Dataset", "Mono mAP", "Cross mAP", "Multi mAP", "Rank dist."]]
     recall = [["Dataset"] + [f"{SHORT[s]} R@{k}" for s in SETTINGS for k in (1, 10)]]
+    tables = []
     for name, result in results.items():
         s = result["summary"]
+        if not is_lareqa(result):
+            metrics = list(s)
+            rows = [["Dataset", "Language"] + metrics]
+            rows += [[name, lang] + [_fmt(v[m]) for m in metrics] for lang, v in result["per_language"].items()]
+            rows.append([name, "**mean**"] + [_fmt(s[m]) for m in metrics])
+            tables.append(_md_table(rows, text_cols=2))
+            continue
         main.append([name] + [_fmt(s[x]["map"]) for x in SETTINGS]
                     + [_fmt(s["multilingual"].get("rank_distance"), 1)])
         recall.append([name] + [_fmt(s[x][f"recall@{k}"]) for x in SETTINGS for k in (1, 10)])
-    return _md_table(main) + "\n" + _md_table(recall)
+    if len(main) > 1:
+        tables[:0] = [_md_table(main), _md_table(recall)]
+    return "\n".join(tables)
 
 
 def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | None = None,
@@ -65,9 +84,14 @@ def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets = list(dict.fromkeys(d for results in runs.values() for d in results))
+    first = {d: next(results[d] for results in runs.values() if d in results) for d in datasets}
+    lareqa = [d for d in datasets if is_lareqa(first[d])]
     # one column per (dataset, metric); key picks the value out of a summary, lower=True for rank distance
     columns: list[tuple[str, str, Callable[[dict], float], bool]] = []
     for d in datasets:
+        if d not in lareqa:  # MIRACL-style: its IR metrics, all higher-is-better
+            columns += [(d, m, lambda sm, m=m: sm[m], False) for m in first[d]["summary"]]
+            continue
         columns += [(d, f"{SHORT[s]} mAP", lambda sm, s=s: sm[s]["map"], False) for s in SETTINGS]
         columns += [(d, f"{SHORT[s]} R@{k}", lambda sm, s=s, k=k: sm[s][f"recall@{k}"], False)
                     for k in (1, 10) for s in SETTINGS]
@@ -88,8 +112,8 @@ def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | 
 
     deltas = {}
     if baseline is not None:  # run − baseline, so a positive mAP delta is an improvement
-        picked = [f"{d} {label}" for d in datasets
-                  for label in ("Mono mAP", "Cross mAP", "Multi mAP", "Rank dist.")]
+        picked = [f"{d} {label}" for d, label, _, _ in columns
+                  if d not in lareqa or label in ("Mono mAP", "Cross mAP", "Multi mAP", "Rank dist.")]
         head = [["Run"] + [f"Δ {name}" for name in picked]]
         base = values[list(runs).index(baseline)]
         for run, row in zip(runs, values):
@@ -110,13 +134,13 @@ def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | 
         md += "\n## Paired bootstrap (95% confidence intervals)\n\n" + _md_table(boot, text_cols=3)
 
     paths = {"comparison.md": out / "comparison.md", "comparison.json": out / "comparison.json"}
-    _atomic_write(paths["comparison.md"], md)
-    _atomic_write(paths["comparison.json"], _to_json({
+    atomic_write(paths["comparison.md"], md)
+    atomic_write(paths["comparison.json"], _to_json({
         "runs": {run: {d: r["summary"] for d, r in results.items()} for run, results in runs.items()},
         "baseline": baseline, "delta_vs_baseline": deltas or None, "bootstrap": bootstrap}))
-    for d in datasets:
+    for d in lareqa:
         name = f"comparison_{_safe_name(d)}.png"
-        paths[name] = _save(out / name, _comparison_figure(d, runs))
+        paths[name] = save_figure(out / name, _comparison_figure(d, runs))
     return paths
 
 
@@ -245,7 +269,7 @@ def _to_json(obj) -> str:
     return json.dumps(_json_safe(obj), indent=2, allow_nan=False) + "\n"
 
 
-def _atomic_write(path: Path, data: str | bytes) -> Path:
+def atomic_write(path: Path, data: str | bytes) -> Path:
     """Write to a temporary sibling then rename, so readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -256,11 +280,11 @@ def _atomic_write(path: Path, data: str | bytes) -> Path:
     return path
 
 
-def _save(path: Path, fig: Figure) -> Path:
+def save_figure(path: Path, fig: Figure) -> Path:
     FigureCanvasAgg(fig)  # attach an Agg canvas: no display, no pyplot state
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())
 
 
 def _write_pairs_csv(path: Path, q_langs: list[str], c_langs: list[str], matrix: np.ndarray) -> Path:
@@ -269,4 +293,4 @@ def _write_pairs_csv(path: Path, q_langs: list[str], c_langs: list[str], matrix:
     writer.writerow(["query\\candidate", *c_langs])
     for x, row in zip(q_langs, matrix):
         writer.writerow([x, *("" if np.isnan(v) else f"{v:.6f}" for v in row)])
-    return _atomic_write(path, buf.getvalue())
+    return atomic_write(path, buf.getvalue())

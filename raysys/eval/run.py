@@ -17,7 +17,7 @@ import numpy as np
 
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
-from raysys.data.prepare import resolve_dataset
+from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import split_groups
 from raysys.errors import ConfigError
 from raysys.eval.encode import encode_texts
@@ -36,11 +36,26 @@ def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSe
 
 def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
     """The dataset's articles selected by eval.split (the same group split training uses)."""
-    corpus = read_lareqa_dir(resolve_dataset(name, config.data.source_dir), config.data.languages)
-    if config.eval.split == "all":
+    location = resolve_dataset(name, config.data.source_dir)
+    corpus = read_lareqa_dir(location, config.data.languages)
+    split = resolve_split(location, config)
+    if split == "all":
         return corpus
     splits = split_groups(corpus.groups, config.data.validation_fraction, config.data.test_fraction)
-    return corpus.subset(splits[config.eval.split])
+    return corpus.subset(splits[split])
+
+
+def resolve_split(location, config: Config) -> str:
+    """eval.split=auto: held-out test articles of the training dataset, all articles of any other.
+    The same directory name counts as the same dataset (a cached copy of it), so a doubt never
+    scores training articles."""
+    if config.eval.split != "auto":
+        return config.eval.split
+    train = config.data.train
+    if str(train) in DATASETS:
+        train = resolve_dataset(train, config.data.source_dir)
+    here, trained_on = Path(str(location)), Path(str(train))
+    return "test" if here.resolve() == trained_on.resolve() or here.name == trained_on.name else "all"
 
 
 def _cache_key(*parts: str) -> str:
@@ -64,7 +79,7 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     texts_q = corpus.questions.column("text").to_pylist()
     texts_c = corpus.candidates.column("text").to_pylist()
     key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), name,
-                     e.split, str(len(texts_q)), str(len(texts_c)), *([e.fast_path] if e.fast_path else []))
+                     resolve_split(resolve_dataset(name, config.data.source_dir), config), str(len(texts_q)), str(len(texts_c)), *([e.fast_path] if e.fast_path else []))
     emb_dir = work_dir / "embeddings" / f"{Path(str(name)).name}-{key}"
     common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
                   fast_path=e.fast_path,
@@ -97,8 +112,8 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         corpus = read_corpus(root / lang / "corpus.jsonl")
         check_qrels_against_corpus(qrels, set(corpus), root / lang / "qrels.tsv")
         docids, qids = list(corpus), list(topics)
-        key = _cache_key(_model_fingerprint(model_path), str(root), lang, str(len(docids)), str(len(qids)),
-                         *([e.fast_path] if e.fast_path else []))
+        key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), str(root),
+                         lang, str(len(docids)), str(len(qids)), *([e.fast_path] if e.fast_path else []))
         common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
                       batch_tokens=e.batch_tokens, fast_path=e.fast_path, num_encoders=e.num_encoders,
                       use_gpu=config.train.use_gpu,

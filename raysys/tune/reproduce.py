@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from raysys.config import Config
-from raysys.eval.lareqa import per_query_setting_values
-from raysys.eval.metrics import paired_bootstrap
+from raysys.errors import ConfigError
+from raysys.eval.lareqa import paired_bootstrap_settings
 from raysys.eval.report import write_comparison
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
@@ -23,14 +23,17 @@ from raysys.train.run import ensure_ray, train
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"
-SETTINGS = ("monolingual", "cross_lingual", "multilingual", "rank_distance")
 
 
 def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None = None,
               arms: dict[str, float] | None = None) -> dict:
-    ensure_ray()
     arms = arms or ARMS
     datasets = eval_datasets or config.eval.datasets
+    not_lareqa = [d for d in datasets if str(d).startswith("miracl:")]
+    if not_lareqa:
+        raise ConfigError(f"reproduce compares LAReQA settings; {not_lareqa[0]} is a MIRACL-style dataset",
+                          field="eval.datasets", hint="evaluate MIRACL-style data with `raysys eval`")
+    ensure_ray()
     out = Path(config.output_dir) / f"{config.name}-reproduce"
     work = out / "eval"
     base_model = resolve_model_path(config.model.name_or_path)
@@ -52,7 +55,8 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
             if label in (HYBRID, "untrained"):
                 continue
             bootstrap[f"{HYBRID} vs {label}"] = {
-                name: hybrid_vs(runs[HYBRID]["seeds"], runs[label]["seeds"], name, config.eval.bootstrap_samples)
+                name: paired_bootstrap_settings(runs[HYBRID]["seeds"], runs[label]["seeds"], name,
+                                                config.eval.bootstrap_samples)
                 for name in datasets}
     paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap)
     print(paths["comparison.md"].read_text(), flush=True)
@@ -79,19 +83,3 @@ def seed_mean_result(results: list[dict]) -> dict:
     multi = {lang: {metric: mean_of(("multilingual_per_language", lang, metric)) for metric in values}
              for lang, values in first["multilingual_per_language"].items()}
     return {"summary": summary, "pairs": pairs, "multilingual_per_language": multi}
-
-
-def hybrid_vs(hybrid_seeds: list[dict], baseline_seeds: list[dict], dataset: str, samples: int) -> dict:
-    """Paired bootstrap per setting over query instances, each averaged over its seeds."""
-    def per_unit(seed_results):
-        tables = [per_query_setting_values(r[dataset]["per_query"]) for r in seed_results]
-        return {s: {u: float(np.mean([t[s][u] for t in tables])) for u in tables[0][s]} for s in SETTINGS}
-
-    hybrid, baseline = per_unit(hybrid_seeds), per_unit(baseline_seeds)
-    out = {}
-    for setting in SETTINGS:
-        units = sorted(set(hybrid[setting]) & set(baseline[setting]))
-        a = np.array([hybrid[setting][u] for u in units])
-        b = np.array([baseline[setting][u] for u in units])
-        out[setting] = paired_bootstrap(a, b, n_samples=samples)
-    return out

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from raysys.eval.report import atomic_write, save_figure
 from raysys.train.checkpoint import write_json_atomic
 
 SETTINGS = (("val_map_mono", "monolingual"), ("val_map_cross", "cross-lingual"), ("val_map_multi", "multilingual"))
@@ -37,13 +37,10 @@ def write_sweep_report(rows: list[dict], best: dict, out_dir: Path, metric: str)
     text = (f"# Sweep over alpha (validation articles)\n\n{sweep_table(rows, metric)}\n\n"
             f"Best by `{metric}`: alpha = {_fmt(best['alpha'], 2)} ({metric} = {_fmt(best[metric])}), "
             f"checkpoint `{best.get('checkpoint')}`\n")
-    tmp = paths["markdown"].with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(paths["markdown"])
+    atomic_write(paths["markdown"], text)
 
     ok = sorted((r for r in rows if r["alpha"] is not None and r["val_map_mean"] is not None), key=lambda r: r["alpha"])
-    fig = Figure(figsize=(10, 4))
-    FigureCanvasAgg(fig)
+    fig = Figure(figsize=(10, 4), layout="tight")
     left, right = fig.subplots(1, 2)
     for key, label in SETTINGS:
         left.plot([r["alpha"] for r in ok], [r[key] for r in ok], marker="o", label=label)
@@ -51,8 +48,6 @@ def write_sweep_report(rows: list[dict], best: dict, out_dir: Path, metric: str)
     left.legend()
     right.plot([r["alpha"] for r in ok], [r["val_rank_distance"] for r in ok], marker="o", color="tab:red")
     right.set(xlabel="alpha", ylabel="mean max rank distance", title="language bias vs alpha (lower is better)")
-    fig.tight_layout()
-    fig.savefig(paths["plot"].with_suffix(".tmp.png"))
-    paths["plot"].with_suffix(".tmp.png").replace(paths["plot"])
+    save_figure(paths["plot"], fig)
     print(text, flush=True)
     return paths

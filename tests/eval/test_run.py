@@ -47,14 +47,35 @@ def test_lareqa_and_miracl_datasets(ray_local, tmp_path, tiny_model_dir):
 def test_cli_eval_compares_two_models(ray_local, tmp_path, tiny_model_dir, capsys):
     other = build_tiny_model(tmp_path / "other", seed=1)
     lareqa = write_synthetic_lareqa(tmp_path / "lareqa")
+    miracl = f"miracl:{write_miracl(tmp_path / 'miracl')}"
     out = tmp_path / "report"
     code = main(["eval", "--model", f"first={tiny_model_dir}", "--model", f"second={other}",
-                 "--datasets", str(lareqa), "--out", str(out), "eval.split=all", "eval.max_length=32"])
+                 "--datasets", str(lareqa), miracl, "--out", str(out), "eval.split=all", "eval.max_length=32"])
     assert code == 0
     table = (out / "comparison" / "comparison.md").read_text()
     assert "first" in table and "second" in table
+    assert f"{miracl} ndcg@10" in table  # MIRACL-style columns next to the LAReQA ones
+    assert "Paired bootstrap" in table and "second vs first" in table
     for label in ("first", "second"):
         metrics = json.loads((out / label / "metrics.json").read_text())
         assert 0 < metrics[str(lareqa)]["summary"]["monolingual"]["map"] <= 1
+        assert set(metrics[miracl]["per_language"]) == {"de", "en"}
+        assert 0 <= metrics[miracl]["summary"]["ndcg@10"] <= 1
+        assert "recall@100" in (out / label / "summary.md").read_text()
         assert list((out / label).glob("heatmap_*.png"))
     assert "Run comparison" in capsys.readouterr().out
+
+
+def test_auto_split_holds_out_only_the_training_dataset(tmp_path, xquad_r_dir):
+    from raysys.eval.run import resolve_split
+
+    other = write_synthetic_lareqa(tmp_path / "other-set")
+    config = Config.from_yaml(None, [f"data.train={xquad_r_dir}"])
+    assert config.eval.split == "auto"
+    assert resolve_split(xquad_r_dir, config) == "test"  # trained on: held-out articles only
+    assert resolve_split(other, config) == "all"  # zero-shot: every article
+    copy = tmp_path / "cache" / "xquad-r"  # a cached copy of the training set counts as the same
+    copy.mkdir(parents=True)
+    assert resolve_split(copy, config) == "test"
+    explicit = Config.from_yaml(None, [f"data.train={xquad_r_dir}", "eval.split=all"])
+    assert resolve_split(xquad_r_dir, explicit) == "all"
