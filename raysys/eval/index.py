@@ -13,8 +13,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
-import faiss
 import numpy as np
+
+try:
+    import faiss
+except ImportError:  # faiss-cpu and faiss-gpu are extras: both ship the `faiss` module, only one may be installed
+    raise ImportError("FAISS is not installed: `pip install raysys[cpu]` (faiss-cpu) or, on CUDA machines, "
+                      "`pip install raysys[gpu]` (faiss-gpu)") from None
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 

@@ -32,3 +32,12 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
     assert all(label in table for label in ("untrained", *ARMS))
     saved = json.loads(result["paths"]["comparison.json"].read_text())
     assert saved["baseline"] == "untrained"
+
+
+def test_reproduce_refuses_miracl_datasets_before_training(tmp_path):
+    from raysys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="MIRACL-style") as info:
+        reproduce(Config.from_yaml(None, [f"output_dir={tmp_path}"]), seeds=[0], eval_datasets=[f"miracl:{tmp_path}"])
+    assert "eval.datasets" in str(info.value)
+    assert not (tmp_path / "raysys-reproduce").exists()  # nothing trained or written
