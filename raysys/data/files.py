@@ -3,9 +3,10 @@ PAIR_SCHEMA rows. Required columns: id, lang, query, passage; optional: hard_neg
 group (defaults to id, so parallel versions of one item share a split).
 
 Every row is validated with its exact location (`origin` = "file:line" for JSONL, "file:row"
-for Parquet, both 1-based): local files on the driver before Ray sees them, so errors surface
-at once; remote URIs (s3://, gs://, ...) inside Ray Data tasks with the same validator, one file
-per task (so a file's line numbers are known; shard very large corpora into several files).
+for Parquet, both 1-based): small local inputs on the driver before Ray sees them, so errors
+surface at once; remote URIs (s3://, gs://, ...) and local inputs over DRIVER_READ_MAX_BYTES
+inside Ray Data tasks with the same validator, streaming, one file per task (so a file's line
+numbers are known; shard very large corpora into several files).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
 OPTIONAL_COLUMNS = ("hard_negative", "context", "group")
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 PARQUET_SUFFIXES = (".parquet", ".parq")
+# Local inputs above this size are not copied into the driver: Ray Data tasks read and validate them.
+DRIVER_READ_MAX_BYTES = 256 * 2**20
 
 
 def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
@@ -44,6 +47,10 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
             local.extend(_expand_local(Path(text.removeprefix("file://"))))
     if not local and not remote:
         raise DataError("no input files given", hint="set data.train to a file, a directory of files or a URI")
+    if sum(p.stat().st_size for p in local) > DRIVER_READ_MAX_BYTES:
+        # local:// runs the read tasks on this (head) node, where the files are.
+        remote += [f"local://{p.resolve()}" for p in local]
+        local = []
     datasets = []
     if local:  # validated here, on the driver: a bad line fails before any cluster work
         datasets.append(ray.data.from_arrow([validate_pairs_file(p) for p in local]))

@@ -69,6 +69,21 @@ def test_ray_task_path_validates_and_raises_data_error(ray_local, tmp_path):
     assert not ray.data.DataContext.get_current().raise_original_map_exception  # only that dataset
 
 
+def test_large_local_inputs_stream_through_ray_tasks(ray_local, tmp_path, monkeypatch):
+    """Local inputs over the driver limit are read and validated inside Ray Data tasks."""
+    from raysys.data import files
+
+    monkeypatch.setattr(files, "DRIVER_READ_MAX_BYTES", 0)
+    monkeypatch.setattr(files, "validate_pairs_file", None)  # the driver path must not run
+    good = _jsonl(tmp_path / "good.jsonl", ROWS)
+    rows = read_pairs(good).take_all()
+    assert sorted((r["id"], r["lang"]) for r in rows) == sorted((r["id"], r["lang"].lower()) for r in ROWS)
+    bad = _jsonl(tmp_path / "bad.jsonl", [ROWS[0], {**ROWS[1], "lang": "xx"}])
+    with pytest.raises(DataError) as info:
+        read_pairs(bad).take_all()
+    assert info.value.row == 2 and info.value.field == "lang" and str(info.value.file).endswith("bad.jsonl")
+
+
 BAD_LINES = {
     "malformed json": (['{"id": "a", "lang": "en"', ], 1, None, "malformed JSON on line 1"),
     "missing field": ([{"id": "a", "lang": "en", "query": "q"}], 1, "passage", "missing"),
