@@ -4,6 +4,8 @@ Ray Data encoding and FAISS, and `raysys eval` comparing two models."""
 import json
 from pathlib import Path
 
+import pytest
+
 from raysys.cli import main
 from raysys.config import Config
 from raysys.eval.run import evaluate
@@ -40,8 +42,13 @@ def test_lareqa_and_miracl_datasets(ray_local, tmp_path, tiny_model_dir):
     # a second evaluation reuses the embedding shards instead of encoding again
     shards = sorted((tmp_path / "work" / "embeddings").rglob("*.npz"))
     mtimes = [p.stat().st_mtime_ns for p in shards]
-    evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work", progress=False)
+    again = evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work", progress=False)
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    # determinism: encoding from scratch in another work dir gives the same metrics
+    fresh = evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work2", progress=False)
+    for setting in ("monolingual", "cross_lingual", "multilingual"):
+        for metric, value in again[str(lareqa)]["summary"][setting].items():
+            assert fresh[str(lareqa)]["summary"][setting][metric] == pytest.approx(value, abs=1e-9), (setting, metric)
 
 
 def test_cli_eval_compares_two_models(ray_local, tmp_path, tiny_model_dir, capsys):
