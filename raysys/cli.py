@@ -84,7 +84,7 @@ def cmd_reproduce(args) -> None:
     config = _config(args)
     from raysys.tune.reproduce import reproduce
 
-    reproduce(config, seeds=args.seeds, eval_datasets=args.datasets)
+    reproduce(config, seeds=args.seeds, eval_datasets=args.datasets, reuse_finished=not args.retrain)
 
 
 def cmd_demo(args) -> None:
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("reproduce", cmd_reproduce, "alpha = 1 vs 0.5 vs 0 with several seeds, evaluated zero-shot")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--datasets", nargs="+", help="held-out LAReQA-format datasets to evaluate on")
+    p.add_argument("--retrain", action="store_true",
+                   help="train every run again (default: reuse runs that already finished with the same config)")
     p = add("demo", cmd_demo, "the default job: build model, train alpha=0.5, evaluate before/after")
     p.add_argument("--quick", action="store_true", help="a smoke test in a couple of minutes")
     return parser

@@ -77,8 +77,10 @@ def format_summary_table(results: dict[str, dict]) -> str:
 
 
 def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | None = None,
-                     bootstrap: dict | None = None) -> dict[str, Path]:
-    """Write comparison.md / comparison.json and one comparison_<dataset>.png per dataset."""
+                     bootstrap: dict | None = None, appendix_md: str = "",
+                     extra_json: dict | None = None) -> dict[str, Path]:
+    """Write comparison.md / comparison.json and one comparison_<dataset>.png per dataset.
+    appendix_md is added to the Markdown and extra_json to the JSON (e.g. per-seed results)."""
     if baseline is not None and baseline not in runs:
         raise ValueError(f"baseline {baseline!r} is not one of the runs {list(runs)}")
     out = Path(out_dir)
@@ -133,11 +135,13 @@ def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | 
                     boot.append([pair, d, setting, _fmt(b.get("mean_diff"), 3, True), ci, p_text])
         md += "\n## Paired bootstrap (95% confidence intervals)\n\n" + _md_table(boot, text_cols=3)
 
+    md += appendix_md
+
     paths = {"comparison.md": out / "comparison.md", "comparison.json": out / "comparison.json"}
     atomic_write(paths["comparison.md"], md)
     atomic_write(paths["comparison.json"], _to_json({
         "runs": {run: {d: r["summary"] for d, r in results.items()} for run, results in runs.items()},
-        "baseline": baseline, "delta_vs_baseline": deltas or None, "bootstrap": bootstrap}))
+        "baseline": baseline, "delta_vs_baseline": deltas or None, "bootstrap": bootstrap, **(extra_json or {})}))
     for d in lareqa:
         name = f"comparison_{_safe_name(d)}.png"
         paths[name] = save_figure(out / name, _comparison_figure(d, runs))

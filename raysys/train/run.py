@@ -50,6 +50,11 @@ def run_name(config: Config) -> str:
     return os.environ.get("RAYSYS_RUN_NAME") or f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def storage_dir(config: Config) -> str:
+    """Where Ray Train writes run directories: train.storage_path (s3://, NFS) or <output_dir>/ray."""
+    return config.train.storage_path or str(Path(config.output_dir, "ray").resolve())
+
+
 def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrainer:
     t = config.train
     datasets = load_split_datasets(config)
@@ -57,7 +62,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
     facts["splits"] = sorted(datasets)
     model_path = resolve_model_path(config.model.name_or_path)  # build the default model once, here
     check_model(model_path)  # a bad model path fails in the driver with one line
-    storage = t.storage_path or str(Path(config.output_dir, "ray").resolve())
+    storage = storage_dir(config)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1

@@ -5,6 +5,9 @@ and the untrained one are evaluated zero-shot on LAReQA-format data not used for
 held-out articles of the training set by default, or any other directories). One table in the
 shape of the reference work, plus paired bootstrap confidence intervals over queries (per-query
 values averaged over seeds) for hybrid vs each baseline. Nothing is tuned on the evaluation data.
+
+A rerun after an interruption reuses every run that already finished with the same training
+config (its final checkpoint and exported model), so only the missing runs are trained.
 """
 
 from __future__ import annotations
@@ -14,19 +17,24 @@ from pathlib import Path
 import numpy as np
 
 from raysys.config import Config
-from raysys.errors import ConfigError
+from raysys.errors import ConfigError, RaysysError
 from raysys.eval.lareqa import paired_bootstrap_settings
 from raysys.eval.report import write_comparison
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
-from raysys.train.run import ensure_ray, train
+from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
+from raysys.train.run import ensure_ray, storage_dir, train
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"
 
 
+# Settings that do not change what a run learns: a finished run that differs only in these is reused.
+NOT_LEARNED = ("storage_path", "resume_from", "logger", "log_every", "max_failures")
+
+
 def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None = None,
-              arms: dict[str, float] | None = None) -> dict:
+              arms: dict[str, float] | None = None, reuse_finished: bool = True) -> dict:
     arms = arms or ARMS
     datasets = eval_datasets or config.eval.datasets
     not_lareqa = [d for d in datasets if str(d).startswith("miracl:")]
@@ -44,9 +52,15 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
             raw = config.to_dict()
             raw["seed"], raw["train"]["alpha"] = seed, alpha
             raw["name"] = f"{config.name}-alpha{alpha:g}-seed{seed}"
-            print(f"[reproduce] {label}, seed {seed}", flush=True)
-            outcome = train(Config.from_dict(raw))
-            runs[label]["seeds"].append(evaluate(outcome.model_path, datasets, config, work))
+            run_config = Config.from_dict(raw)
+            model_path = finished_run_model(run_config) if reuse_finished else None
+            if model_path:
+                print(f"[reproduce] {label}, seed {seed}: reusing the finished run {model_path}", flush=True)
+            else:
+                print(f"[reproduce] {label}, seed {seed}", flush=True)
+                model_path = train(run_config).model_path
+            runs[label]["seeds"].append(evaluate(model_path, datasets, config, work))
+            runs[label].setdefault("models", []).append({"seed": seed, "model_path": str(model_path)})
     summaries = {label: {name: seed_mean_result([r[name] for r in run["seeds"]]) for name in datasets}
                  for label, run in runs.items()}
     bootstrap = {}
@@ -58,9 +72,54 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                 name: paired_bootstrap_settings(runs[HYBRID]["seeds"], runs[label]["seeds"], name,
                                                 config.eval.bootstrap_samples)
                 for name in datasets}
-    paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap)
+    per_seed = {label: {name: [{**model, "summary": result[name]["summary"]}
+                               for model, result in zip(run["models"], run["seeds"])] for name in datasets}
+                for label, run in runs.items() if "models" in run}
+    paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap,
+                             appendix_md=seed_spread_markdown(per_seed), extra_json={"per_seed": per_seed})
     print(paths["comparison.md"].read_text(), flush=True)
     return {"summaries": summaries, "bootstrap": bootstrap, "paths": paths}
+
+
+def seed_spread_markdown(per_seed: dict) -> str:
+    """Mean ± sample standard deviation over seeds (min–max), so seed noise can be set against
+    the differences between arms (the bootstrap above resamples queries, not seeds)."""
+    rows = ["| Run | Dataset | Seeds | Mono mAP | Cross mAP | Multi mAP | Rank dist. |", "|---|---|---:|---|---|---|---|"]
+    for label, by_dataset in per_seed.items():
+        for name, results in by_dataset.items():
+            cells = []
+            for setting, metric, digits in (("monolingual", "map", 3), ("cross_lingual", "map", 3),
+                                            ("multilingual", "map", 3), ("multilingual", "rank_distance", 1)):
+                v = np.array([r["summary"][setting][metric] for r in results], dtype=float)
+                sd = v.std(ddof=1) if len(v) > 1 else 0.0
+                cells.append(f"{v.mean():.{digits}f} ± {sd:.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})")
+            rows.append(f"| {label} | {name} | {len(results)} | " + " | ".join(cells) + " |")
+    return "\n## Spread over seeds (mean ± sd, min–max)\n\n" + "\n".join(rows) + "\n"
+
+
+def learned_settings(config_dict: dict) -> dict:
+    train_settings = {k: v for k, v in config_dict["train"].items() if k not in NOT_LEARNED}
+    return {"seed": config_dict["seed"], "data": config_dict["data"], "model": config_dict["model"],
+            "train": train_settings}
+
+
+def finished_run_model(config: Config) -> str | None:
+    """The exported model of the newest run named like this one that reached train.max_steps with
+    the same learned settings, or None. Local storage only (a remote run is simply retrained)."""
+    storage = Path(storage_dir(config))
+    if "://" in str(config.train.storage_path or "") or not storage.is_dir():
+        return None
+    wanted = learned_settings(config.to_dict())
+    for run_dir in sorted(storage.glob(f"{config.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+            try:
+                state = verify_checkpoint(ckpt)
+            except RaysysError:  # incomplete (interrupted mid-write): not a finished run
+                continue
+            if (state["global_step"] == config.train.max_steps and (ckpt / EXPORT_DIR / "config.json").is_file()
+                    and learned_settings(state["config"]) == wanted):
+                return str(ckpt / EXPORT_DIR)
+    return None
 
 
 def seed_mean_result(results: list[dict]) -> dict:

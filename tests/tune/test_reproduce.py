@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+import raysys.tune.reproduce as reproduce_module
 from raysys.config import Config
 from raysys.tune.reproduce import ARMS, HYBRID, reproduce
 from tests.conftest import XQUAD_R_DIR
@@ -11,7 +12,8 @@ from tests.conftest import XQUAD_R_DIR
 pytestmark = pytest.mark.timeout(900)
 
 
-def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path, tiny_model_dir, xquad_r_dir,
+                                                             monkeypatch):
     config = Config.from_yaml(None, [
         f"model.name_or_path={tiny_model_dir}", f"data.train={XQUAD_R_DIR}", "data.languages=[de,en,es]",
         f"output_dir={tmp_path}", "name=repro", "model.max_query_length=32", "model.max_passage_length=48",
@@ -32,6 +34,29 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
     assert all(label in table for label in ("untrained", *ARMS))
     saved = json.loads(result["paths"]["comparison.json"].read_text())
     assert saved["baseline"] == "untrained"
+    assert "Spread over seeds" in table
+    hybrid_seeds = saved["per_seed"][HYBRID][dataset]
+    assert [r["seed"] for r in hybrid_seeds] == [0]
+    assert hybrid_seeds[0]["summary"]["monolingual"]["map"] == pytest.approx(
+        result["summaries"][HYBRID][dataset]["summary"]["monolingual"]["map"])  # one seed: mean = it
+
+    # A rerun (e.g. after an interruption) reuses the finished runs instead of training again...
+    def no_training(_config):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(reproduce_module, "train", no_training)
+    again = reproduce(config, seeds=[0])
+    for label, by_dataset in result["summaries"].items():
+        assert again["summaries"][label][dataset]["summary"] == by_dataset[dataset]["summary"]
+    # ...but only runs whose learned settings match: another lr or seed is a different run.
+    hybrid = config.to_dict()
+    hybrid.update(name="repro-alpha0.5-seed0", seed=0)
+    hybrid["train"]["alpha"] = 0.5
+    assert reproduce_module.finished_run_model(Config.from_dict(hybrid)) is not None
+    hybrid["train"]["lr"] = 1e-3
+    assert reproduce_module.finished_run_model(Config.from_dict(hybrid)) is None
+    hybrid["train"]["lr"], hybrid["seed"] = config.train.lr, 1
+    assert reproduce_module.finished_run_model(Config.from_dict(hybrid)) is None
 
 
 def test_reproduce_refuses_miracl_datasets_before_training(tmp_path):
