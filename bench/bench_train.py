@@ -19,8 +19,10 @@ global batch 16, max lengths 64 (query) / 128 (passage), AdamW, gradient clippin
    `ray.train.report` (reporting every step is the worst case; the default is every 5 steps).
    Start-up (Ray, data, model load, `deepspeed.initialize`) is excluded; the first `--warmup`
    steps and the last step (it also runs the validation loss) are dropped on both sides, so both
-   sides are compared over the same steps and batches. The plain loop runs twice, right before
-   and right after the Ray run (no Ray running), to bracket drift in the machine load.
+   sides are compared over the same steps and batches. `--repeats N` rounds of (plain, DeepSpeed
+   only, Ray) run one after another and a last plain and DeepSpeed-only run closes them (no Ray
+   running during those), so every arm is sampled across the drift in the machine load; each
+   arm's mean pools its runs.
    Target: median Ray step time <= 1.15 x median plain step time.
 2. zero -- per-rank memory for ZeRO 0/1/2/3 with 2 workers (1 thread each). A small Ray Train
    loop in this file (the same `TorchTrainer` + `DataConfig(datasets_to_split=[])` +
@@ -42,6 +44,7 @@ Before timing it waits (polls every 30 s, up to --wait-max s) until no other `be
 process runs, and records the load average around every part.
 
     python bench/bench_train.py --out bench/results/train.json
+    python bench/bench_train.py --parts overhead --repeats 3 --skip-log-every-1 --out bench/results/train_overhead_repeats.json
     python bench/bench_train.py --quick       # smoke run: 4 steps, ZeRO 0 and 2, ~6 min
 """
 
@@ -283,10 +286,13 @@ def plain_loop(config, threads: int, steps: int, label: str, use_deepspeed: bool
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         engine, _, _, _ = deepspeed.initialize(model=model, config=ds, model_parameters=params)
+        if t.zero_stage == 0:
+            engine.enable_backward_allreduce = False  # as raysys.train.loop does with one worker
         net = engine
     else:
         net = model
-        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay,
+                                      fused=bool(ds["optimizer"]["params"].get("fused")))  # as raysys
         # DeepSpeed's WarmupDecayLR as it actually runs: warmup clamped to >= 2 steps, and it starts at
         # iteration -1 (min lr), so the first two steps use lr 0 and the schedule is one step late.
         sched = ds["scheduler"]["params"]
@@ -644,6 +650,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=17, help="optimizer steps per timed run")
     ap.add_argument("--warmup", type=int, default=5, help="steps dropped at the start (and the last window)")
     ap.add_argument("--log-every", type=int, default=5, help="train.log_every of the timed Ray runs (raysys default)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of plain / DeepSpeed-only / Ray runs for the overhead part (load drifts)")
     ap.add_argument("--skip-log-every-1", action="store_true", help="skip the extra Ray run with train.log_every=1")
     ap.add_argument("--zero-steps", type=int, default=3)
     ap.add_argument("--zero-stages", default="0,1,2,3")
@@ -703,22 +711,35 @@ def main() -> None:
                        deepspeed_only(base_ov, 2, args.steps, label, work))
             arms[kind].append(run | {"loadavg_before": la, "loadavg_after": loadavg(), "cpu": probe.result})
 
+        # Rounds of plain, DeepSpeed-only, Ray, closed by one more DeepSpeed-only and plain run: the
+        # machine's load drifts by 10-20 % over minutes, so every arm is sampled across the whole span.
+        order, ray_runs, ray_1w_le1 = [], [], None
+        for round_ in range(1, args.repeats + 1):
+            if "overhead" in parts:
+                arm("plain", f"plain-{round_}")
+                arm("deepspeed", f"deepspeed-{round_}")
+                order += [f"plain-{round_}", f"deepspeed-{round_}"]
+            start_ray(args.ray_cpus)
+            log(f"Ray Train + DeepSpeed (raysys.train.run.train), 1 worker x 2 threads, log_every={args.log_every}")
+            ray_runs.append(raysys_run(args, "1 worker" if round_ == 1 else f"1 worker, round {round_}",
+                                       work / f"ray1-{round_}", workers=1, threads=2, cpus=2))
+            order.append(f"ray-{round_} (1 worker)")
+            if round_ == 1 and "overhead" in parts and args.log_every != 1 and not args.skip_log_every_1:
+                log("the same with train.log_every=1 (a ray.train.report every step)")
+                ray_1w_le1 = raysys_run(args, "1 worker, log_every=1", work / "ray1le1", workers=1, threads=2,
+                                        cpus=2, log_every=1)
+                order.append("ray (1 worker, log_every=1)")
+            stop_ray()
+            if "overhead" not in parts:
+                break
+        ray_1w = ray_runs[0]
         if "overhead" in parts:
-            arm("plain", "plain-A")
-            arm("deepspeed", "deepspeed-A")
-        start_ray(args.ray_cpus)
-        log(f"Ray Train + DeepSpeed (raysys.train.run.train), 1 worker x 2 threads, log_every={args.log_every}")
-        ray_1w = raysys_run(args, "1 worker", work / "ray1", workers=1, threads=2, cpus=2)
-        ray_1w_le1 = None
-        if "overhead" in parts and args.log_every != 1 and not args.skip_log_every_1:
-            log("the same with train.log_every=1 (a ray.train.report every step)")
-            ray_1w_le1 = raysys_run(args, "1 worker, log_every=1", work / "ray1le1", workers=1, threads=2, cpus=2,
-                                    log_every=1)
-        stop_ray()
-        if "overhead" in parts:
-            arm("deepspeed", "deepspeed-B")
-            arm("plain", "plain-B")
-            ray_mean, first, last = window_mean(steady_windows(ray_1w, args.warmup))
+            arm("deepspeed", "deepspeed-last")
+            arm("plain", "plain-last")
+            order += ["deepspeed-last", "plain-last"]
+            first, last = window_mean(steady_windows(ray_1w, args.warmup))[1:]
+            ray_means = [window_mean(steady_windows(run, args.warmup))[0] for run in ray_runs]
+            ray_mean = statistics.fmean(ray_means)
 
             def mean_over(runs):  # per-step times of the same steps, pooled over runs
                 return statistics.fmean([x for run in runs for x in run["step_s"][first - 1:last]])
@@ -726,15 +747,18 @@ def main() -> None:
             plain_mean, ds_mean = mean_over(arms["plain"]), mean_over(arms["deepspeed"])
             ratio = ray_mean / plain_mean
             runs = arms["plain"] + arms["deepspeed"]
-            same_batches = all(run["batch_digest"] == ray_1w["batch_digest_rank0"] for run in runs)
+            digest = ray_1w["batch_digest_rank0"]
+            same_batches = (all(run["batch_digest"] == digest for run in runs)
+                            and all(run["batch_digest_rank0"] == digest for run in ray_runs))
             loss_diff = {run["label"]: round(max(abs(a - b) for a, b in zip(run["loss"], ray_1w["loss"])), 6)
-                         for run in runs}
+                         for run in runs + ray_runs[1:]}
             out["overhead"] = {
-                "runs_in_order": ["plain-A", "deepspeed-A", "ray (1 worker)"] +
-                                 (["ray (1 worker, log_every=1)"] if ray_1w_le1 else []) + ["deepspeed-B", "plain-B"],
+                "runs_in_order": order, "repeats": args.repeats,
                 "steady_steps": [first, last], "steps_per_run": args.steps,
                 "plain_mean_step_s": round(plain_mean, 4), "deepspeed_only_mean_step_s": round(ds_mean, 4),
-                "ray_mean_step_s": round(ray_mean, 4),
+                "ray_mean_step_s": round(ray_mean, 4), "ray_mean_step_s_per_run": [round(m, 4) for m in ray_means],
+                "plain_mean_step_s_per_run": [round(mean_over([r]), 4) for r in arms["plain"]],
+                "deepspeed_only_mean_step_s_per_run": [round(mean_over([r]), 4) for r in arms["deepspeed"]],
                 "plain_step_s_stats": stats([x for r in arms["plain"] for x in r["step_s"][first - 1:last]]),
                 "deepspeed_only_step_s_stats": stats([x for r in arms["deepspeed"] for x in r["step_s"][first - 1:last]]),
                 "ratio_ray_over_plain": round(ratio, 3),
@@ -742,7 +766,7 @@ def main() -> None:
                 "ratio_ray_over_deepspeed_only": round(ray_mean / ds_mean, 3),
                 "same_batches_as_ray": same_batches, "max_abs_loss_diff_vs_ray": loss_diff,
                 "plain_runs": arms["plain"], "deepspeed_only_runs": arms["deepspeed"],
-                "ray_run": {k: v for k, v in ray_1w.items() if k != "batch_digest_rank0"}}
+                "ray_runs": [{k: v for k, v in run.items() if k != "batch_digest_rank0"} for run in ray_runs]}
             if ray_1w_le1:
                 le1 = steady_windows(ray_1w_le1, args.warmup)
                 le1_mean = window_mean(le1)[0]

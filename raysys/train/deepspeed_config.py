@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -18,24 +19,29 @@ def resolve_precision(requested: str, use_gpu: bool) -> str:
     return "fp32"
 
 
+def fused_adamw_available() -> bool:
+    """torch >= 2.4 has a fused AdamW for CPU as well as CUDA tensors."""
+    return "fused" in inspect.signature(torch.optim.AdamW).parameters and hasattr(torch, "_fused_adamw_")
+
+
 def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: int) -> dict:
     micro_batch = train.global_batch_size // world_size
     if micro_batch * world_size != train.global_batch_size:
         raise ValueError("global_batch_size must be a multiple of the number of workers")
     precision = resolve_precision(train.precision, train.use_gpu)
     warmup = min(total_steps - 1, math.ceil(train.warmup_ratio * total_steps)) if total_steps > 1 else 0
+    adamw = {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
+             # torch_adam: the stock torch AdamW; avoids DeepSpeed's JIT-compiled CPU Adam (minutes).
+             "torch_adam": True}
+    if train.fused_optimizer and fused_adamw_available():
+        adamw["fused"] = True  # passed through to torch.optim.AdamW
     config = {
         # Our micro batch is the whole local share of a hybrid batch; accumulation multiplies it.
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": micro_batch * world_size * train.gradient_accumulation_steps,
         "gradient_clipping": train.gradient_clipping,
-        "optimizer": {
-            "type": "AdamW",
-            # torch_adam: the stock torch AdamW; avoids DeepSpeed's JIT-compiled CPU Adam (minutes).
-            "params": {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999],
-                       "eps": 1e-8, "torch_adam": True},
-        },
+        "optimizer": {"type": "AdamW", "params": adamw},
         "scheduler": {
             "type": "WarmupDecayLR",
             "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,

@@ -74,6 +74,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     ds_config = build_deepspeed_config(t, total_steps=total_steps, world_size=world)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])
+    if world == 1 and t.zero_stage == 0:
+        # One worker has nothing to all-reduce; DeepSpeed would still flatten and copy back every
+        # gradient each step (ZeRO >= 1 needs that hook for its partition bookkeeping).
+        engine.enable_backward_allreduce = False
 
     # ---- resume: same schedule position, same optimizer and LR-scheduler state -------------
     global_step = 0  # optimizer steps
