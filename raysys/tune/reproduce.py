@@ -47,7 +47,7 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
     base_model = resolve_model_path(config.model.name_or_path)
     runs = {"untrained": {"seeds": [evaluate(base_model, datasets, config, work)]}}
     for label, alpha in arms.items():
-        runs[label] = {"seeds": []}
+        runs[label] = {"seeds": [], "models": []}
         for seed in seeds:
             raw = config.to_dict()
             raw["seed"], raw["train"]["alpha"] = seed, alpha
@@ -60,7 +60,7 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                 print(f"[reproduce] {label}, seed {seed}", flush=True)
                 model_path = train(run_config).model_path
             runs[label]["seeds"].append(evaluate(model_path, datasets, config, work))
-            runs[label].setdefault("models", []).append({"seed": seed, "model_path": str(model_path)})
+            runs[label]["models"].append({"seed": seed, "model_path": str(model_path)})
     summaries = {label: {name: seed_mean_result([r[name] for r in run["seeds"]]) for name in datasets}
                  for label, run in runs.items()}
     bootstrap = {}
@@ -106,11 +106,11 @@ def learned_settings(config_dict: dict) -> dict:
 def finished_run_model(config: Config) -> str | None:
     """The exported model of the newest run named like this one that reached train.max_steps with
     the same learned settings, or None. Local storage only (a remote run is simply retrained)."""
-    storage = Path(storage_dir(config))
-    if "://" in str(config.train.storage_path or "") or not storage.is_dir():
+    storage = storage_dir(config)
+    if "://" in storage or not Path(storage).is_dir():
         return None
     wanted = learned_settings(config.to_dict())
-    for run_dir in sorted(storage.glob(f"{config.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for run_dir in sorted(Path(storage).glob(f"{config.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
         for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
             try:
                 state = verify_checkpoint(ckpt)

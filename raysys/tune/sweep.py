@@ -92,14 +92,14 @@ class SweepOutcome:
 
 
 def run_sweep(config: Config) -> SweepOutcome:
-    from raysys.train.run import ensure_ray
+    from raysys.train.run import ensure_ray, storage_dir
 
     s, t = config.tune, config.train
     if s.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode={s.mode!r}: must be min or max")
     ensure_ray()
     config = absolute_paths(config)
-    storage = t.storage_path or str(Path(config.output_dir, "ray").resolve())
+    storage = storage_dir(config)
     horizon = t.max_steps or 10**9
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="step", max_t=horizon, grace_period=t.eval_every,
                                                reduction_factor=2) if s.asha else None)
