@@ -65,8 +65,8 @@ class TrainConfig:
     use_hard_negatives: bool = True
     gradient_accumulation_steps: int = 1
     gradient_clipping: float = 1.0
-    # torch's fused AdamW kernel (CPU and CUDA): no per-parameter temporaries, ~6x faster optimizer
-    # step on the default model on CPU (bench/README.md); false: torch's default implementation.
+    # torch's fused AdamW kernel (CPU and CUDA): no per-parameter temporaries, ~5x faster optimizer
+    # step on the default model on CPU (bench/results/optimizer_step.json); false: torch's default.
     fused_optimizer: bool = True
     zero_stage: int = 0
     precision: str = "auto"  # auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16
