@@ -53,7 +53,10 @@ def _worker(rank, port, hard_negatives, symmetric, out_dir):
     total = torch.tensor([loss.item()])
     dist.all_reduce(total)
     torch.save(((total / WORLD).item(), grad / WORLD), os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    dist.barrier()  # both results are on disk before either rank tears anything down
+    # Gloo's teardown at interpreter exit sometimes aborts ("terminate called without an active
+    # exception") when the peer closed first; the results are saved, so leave without it.
+    os._exit(0)
 
 
 def free_port():
