@@ -220,7 +220,7 @@ def stats(values: list[float]) -> dict:
 # ---- configuration -----------------------------------------------------------------------------
 
 def overrides(args, output_dir: Path, *, workers: int, threads: int, cpus: float, zero: int = 0,
-              steps: int | None = None, log_every: int | None = None) -> list[str]:
+              steps: int | None = None, log_every: int | None = None, extra: tuple[str, ...] = ()) -> list[str]:
     return [f"name=bench-train-{workers}w", f"output_dir={output_dir}", f"data.train={args.data}",
             f"model.name_or_path={args.model}", f"model.max_query_length={args.max_query_length}",
             f"model.max_passage_length={args.max_passage_length}",
@@ -228,7 +228,7 @@ def overrides(args, output_dir: Path, *, workers: int, threads: int, cpus: float
             f"train.num_workers={workers}", f"train.torch_threads={threads}", f"train.cpus_per_worker={cpus}",
             f"train.zero_stage={zero}", f"train.precision={args.precision}", f"train.alpha={args.alpha}",
             f"train.log_every={log_every or args.log_every}",
-            "train.eval_every=1000000", "train.checkpoint_every=1000000", f"seed={args.seed}"]
+            "train.eval_every=1000000", "train.checkpoint_every=1000000", f"seed={args.seed}", *extra]
 
 
 def make_config(ov: list[str]):
@@ -414,7 +414,7 @@ def stop_ray() -> None:
 
 
 def raysys_run(args, label: str, workdir: Path, *, workers: int, threads: int, cpus: float,
-               log_every: int | None = None) -> dict:
+               log_every: int | None = None, extra: tuple[str, ...] = ()) -> dict:
     """`raysys.train.run.train` as the CLI runs it; per-step time from the loop's own `pairs_per_s`
     reports: each covers the steps since the previous report (`train.log_every`), so a window's
     mean step time is global_batch / pairs_per_s (rank 0's clock)."""
@@ -422,7 +422,8 @@ def raysys_run(args, label: str, workdir: Path, *, workers: int, threads: int, c
 
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir(parents=True)
-    ov = overrides(args, workdir / "out", workers=workers, threads=threads, cpus=cpus, log_every=log_every)
+    ov = overrides(args, workdir / "out", workers=workers, threads=threads, cpus=cpus, log_every=log_every,
+                   extra=extra)
     config = make_config(ov)
     reports = workdir / "reports.jsonl"
     load_before = loadavg()
@@ -652,6 +653,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=5, help="train.log_every of the timed Ray runs (raysys default)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of plain / DeepSpeed-only / Ray runs for the overhead part (load drifts)")
+    ap.add_argument("--ablate-reuse", action="store_true",
+                    help="overhead part: also a Ray run per round with train.reuse_freed_memory=false")
     ap.add_argument("--skip-log-every-1", action="store_true", help="skip the extra Ray run with train.log_every=1")
     ap.add_argument("--zero-steps", type=int, default=3)
     ap.add_argument("--zero-stages", default="0,1,2,3")
@@ -713,7 +716,7 @@ def main() -> None:
 
         # Rounds of plain, DeepSpeed-only, Ray, closed by one more DeepSpeed-only and plain run: the
         # machine's load drifts by 10-20 % over minutes, so every arm is sampled across the whole span.
-        order, ray_runs, ray_1w_le1 = [], [], None
+        order, ray_runs, ray_1w_le1, noreuse_runs = [], [], None, []
         for round_ in range(1, args.repeats + 1):
             if "overhead" in parts:
                 arm("plain", f"plain-{round_}")
@@ -724,6 +727,12 @@ def main() -> None:
             ray_runs.append(raysys_run(args, "1 worker" if round_ == 1 else f"1 worker, round {round_}",
                                        work / f"ray1-{round_}", workers=1, threads=2, cpus=2))
             order.append(f"ray-{round_} (1 worker)")
+            if "overhead" in parts and args.ablate_reuse:
+                log("the same with train.reuse_freed_memory=false (glibc's default allocator behaviour)")
+                noreuse_runs.append(raysys_run(args, f"1 worker, no memory reuse, round {round_}",
+                                               work / f"ray1-noreuse-{round_}", workers=1, threads=2, cpus=2,
+                                               extra=("train.reuse_freed_memory=false",)))
+                order.append(f"ray-{round_} (1 worker, reuse_freed_memory=false)")
             if round_ == 1 and "overhead" in parts and args.log_every != 1 and not args.skip_log_every_1:
                 log("the same with train.log_every=1 (a ray.train.report every step)")
                 ray_1w_le1 = raysys_run(args, "1 worker, log_every=1", work / "ray1le1", workers=1, threads=2,
@@ -749,9 +758,9 @@ def main() -> None:
             runs = arms["plain"] + arms["deepspeed"]
             digest = ray_1w["batch_digest_rank0"]
             same_batches = (all(run["batch_digest"] == digest for run in runs)
-                            and all(run["batch_digest_rank0"] == digest for run in ray_runs))
+                            and all(run["batch_digest_rank0"] == digest for run in ray_runs + noreuse_runs))
             loss_diff = {run["label"]: round(max(abs(a - b) for a, b in zip(run["loss"], ray_1w["loss"])), 6)
-                         for run in runs + ray_runs[1:]}
+                         for run in runs + ray_runs[1:] + noreuse_runs}
             out["overhead"] = {
                 "runs_in_order": order, "repeats": args.repeats,
                 "steady_steps": [first, last], "steps_per_run": args.steps,
@@ -767,6 +776,16 @@ def main() -> None:
                 "same_batches_as_ray": same_batches, "max_abs_loss_diff_vs_ray": loss_diff,
                 "plain_runs": arms["plain"], "deepspeed_only_runs": arms["deepspeed"],
                 "ray_runs": [{k: v for k, v in run.items() if k != "batch_digest_rank0"} for run in ray_runs]}
+            if noreuse_runs:
+                noreuse_means = [window_mean(steady_windows(run, args.warmup))[0] for run in noreuse_runs]
+                noreuse_mean = statistics.fmean(noreuse_means)
+                out["overhead"]["without_reuse_freed_memory"] = {
+                    "ray_mean_step_s": round(noreuse_mean, 4),
+                    "ray_mean_step_s_per_run": [round(m, 4) for m in noreuse_means],
+                    "ratio_over_plain": round(noreuse_mean / plain_mean, 3),
+                    "ratio_with_over_without": round(ray_mean / noreuse_mean, 3),
+                    "runs": [{k: v for k, v in run.items() if k != "batch_digest_rank0"} for run in noreuse_runs]}
+                log(f"without reuse_freed_memory: ray {noreuse_mean:.3f} s, ratio {noreuse_mean / plain_mean:.3f}")
             if ray_1w_le1:
                 le1 = steady_windows(ray_1w_le1, args.warmup)
                 le1_mean = window_mean(le1)[0]

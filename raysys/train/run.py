@@ -18,6 +18,7 @@ from raysys.model.default import resolve_model_path
 from raysys.model.encoder import check_model
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
 from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE
+from raysys.train.host_memory import worker_env_vars
 from raysys.train.loop import train_loop_per_worker
 
 # Environment every worker needs.
@@ -76,6 +77,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name(config), storage_path=storage, callbacks=callbacks,
+            worker_runtime_env={"env_vars": worker_env_vars(t)},  # merged into the job's runtime_env
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
             failure_config=FailureConfig(max_failures=t.max_failures)),
