@@ -67,6 +67,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from raysys.train.host_memory import REUSE_FREED_MEMORY_ENV, worker_env_vars  # noqa: E402
 DEFAULT_DATA = (REPO.parent / "shared" / "data" / "xquad-r").resolve()
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 os.environ.update(WORKER_ENV)  # the plain loop tokenizes like the Ray workers (no tokenizer threads)
@@ -357,21 +358,27 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def deepspeed_only(ov: list[str], threads: int, steps: int, label: str, workdir: Path) -> dict:
-    """`plain_loop(use_deepspeed=True)` in a child process with torchrun-style env vars (no Ray)."""
+def child_loop(ov: list[str], threads: int, steps: int, label: str, workdir: Path, *, use_deepspeed: bool,
+               env_extra: dict | None = None) -> dict:
+    """`plain_loop` in a child process (no Ray): for the DeepSpeed engine (it needs torchrun-style env
+    vars), or with environment variables that must be set when the process starts (glibc malloc)."""
     spec, out = workdir / f"{label}-spec.json", workdir / f"{label}-result.json"
     spec.write_text(json.dumps({"overrides": ov, "threads": threads, "steps": steps, "label": label,
-                                "out": str(out)}))
+                                "use_deepspeed": use_deepspeed, "out": str(out)}))
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu")
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), DS_ACCELERATOR="cpu", **(env_extra or {}))
     subprocess.run([sys.executable, __file__, "--child", str(spec)], env=env, check=True)
     return json.loads(out.read_text())
+
+
+def deepspeed_only(ov: list[str], threads: int, steps: int, label: str, workdir: Path) -> dict:
+    return child_loop(ov, threads, steps, label, workdir, use_deepspeed=True)
 
 
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = plain_loop(make_config(spec["overrides"]), spec["threads"], spec["steps"], spec["label"],
-                        use_deepspeed=True)
+                        use_deepspeed=spec["use_deepspeed"])
     Path(spec["out"]).write_text(json.dumps(result))
 
 
@@ -628,7 +635,8 @@ def zero_run(args, stage: int, workdir: Path, train_ds, languages: list[str], mo
                            "out_dir": str(workdir / "ranks")},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
-        run_config=RunConfig(name=f"zero{stage}", storage_path=str(workdir / "ray")),
+        run_config=RunConfig(name=f"zero{stage}", storage_path=str(workdir / "ray"),
+                             worker_runtime_env={"env_vars": worker_env_vars(config.train)}),  # as raysys
         datasets={"train": train_ds}, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
     with CpuProbe() as probe:
         result = trainer.fit()
@@ -704,14 +712,19 @@ def main() -> None:
     if "overhead" in parts or "scaling" in parts:
         base_ov = overrides(args, work / "plain", workers=1, threads=2, cpus=2)
         base = make_config(base_ov)
-        arms: dict[str, list] = {"plain": [], "deepspeed": []}
+        arms: dict[str, list] = {"plain": [], "deepspeed": [], "plain_reuse": []}
 
         def arm(kind: str, label: str) -> None:
             log(f"{label} (no Ray running)")
             la = loadavg()
             with CpuProbe() as probe:
-                run = (plain_loop(base, 2, args.steps, label) if kind == "plain" else
-                       deepspeed_only(base_ov, 2, args.steps, label, work))
+                if kind == "plain":
+                    run = plain_loop(base, 2, args.steps, label)
+                elif kind == "plain_reuse":  # the same allocator settings raysys gives its CPU workers
+                    run = child_loop(base_ov, 2, args.steps, label, work, use_deepspeed=False,
+                                     env_extra=REUSE_FREED_MEMORY_ENV)
+                else:
+                    run = deepspeed_only(base_ov, 2, args.steps, label, work)
             arms[kind].append(run | {"loadavg_before": la, "loadavg_after": loadavg(), "cpu": probe.result})
 
         # Rounds of plain, DeepSpeed-only, Ray, closed by one more DeepSpeed-only and plain run: the
@@ -722,6 +735,9 @@ def main() -> None:
                 arm("plain", f"plain-{round_}")
                 arm("deepspeed", f"deepspeed-{round_}")
                 order += [f"plain-{round_}", f"deepspeed-{round_}"]
+                if args.ablate_reuse:
+                    arm("plain_reuse", f"plain-reuse-{round_}")
+                    order.append(f"plain-reuse-{round_}")
             start_ray(args.ray_cpus)
             log(f"Ray Train + DeepSpeed (raysys.train.run.train), 1 worker x 2 threads, log_every={args.log_every}")
             ray_runs.append(raysys_run(args, "1 worker" if round_ == 1 else f"1 worker, round {round_}",
@@ -755,7 +771,7 @@ def main() -> None:
 
             plain_mean, ds_mean = mean_over(arms["plain"]), mean_over(arms["deepspeed"])
             ratio = ray_mean / plain_mean
-            runs = arms["plain"] + arms["deepspeed"]
+            runs = arms["plain"] + arms["deepspeed"] + arms["plain_reuse"]
             digest = ray_1w["batch_digest_rank0"]
             same_batches = (all(run["batch_digest"] == digest for run in runs)
                             and all(run["batch_digest_rank0"] == digest for run in ray_runs + noreuse_runs))
@@ -779,6 +795,12 @@ def main() -> None:
             if noreuse_runs:
                 noreuse_means = [window_mean(steady_windows(run, args.warmup))[0] for run in noreuse_runs]
                 noreuse_mean = statistics.fmean(noreuse_means)
+                plain_reuse_mean = mean_over(arms["plain_reuse"])
+                out["overhead"]["plain_with_reuse_settings"] = {
+                    "env": REUSE_FREED_MEMORY_ENV, "mean_step_s": round(plain_reuse_mean, 4),
+                    "mean_step_s_per_run": [round(mean_over([r]), 4) for r in arms["plain_reuse"]],
+                    "ratio_ray_over_it": round(ray_mean / plain_reuse_mean, 3), "runs": arms["plain_reuse"]}
+                log(f"plain with the reuse settings: {plain_reuse_mean:.3f} s; ray / it {ray_mean / plain_reuse_mean:.3f}")
                 out["overhead"]["without_reuse_freed_memory"] = {
                     "ray_mean_step_s": round(noreuse_mean, 4),
                     "ray_mean_step_s_per_run": [round(m, 4) for m in noreuse_means],

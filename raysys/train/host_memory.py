@@ -1,13 +1,14 @@
 """Host-memory allocator settings for CPU training workers (glibc malloc, set per process).
 
-Why: Ray Train runs `train_loop_per_worker` in a thread that is not the process's main thread,
-and glibc gives such a thread its own arena. A thread arena cannot hold a chunk larger than its
-64 MiB heap, so every large tensor (on the default model the 384 MB word-embedding gradient, the
-activations of a batch) is mmap'ed and unmapped again each step: the next step faults in fresh
-zeroed pages. The three settings below make every thread use the main arena, serve large blocks
-from it instead of mmap, and never hand freed memory back, so a step reuses the previous step's
-pages. The cost is that a worker's RSS stays at its peak, which a training worker reaches every
-step anyway. bench/results/train_overhead_malloc.json has the measured effect.
+Why: glibc serves large blocks (above its mmap threshold, at most 32 MiB) with mmap and unmaps
+them on free, and Ray Train runs `train_loop_per_worker` in a thread other than the main one,
+whose glibc arena also hands its 64 MiB heaps back as they empty. So every step's large tensors
+(on the default model the 384 MB word-embedding gradient, a batch's activations) come back as
+fresh zeroed pages, one minor page fault per 4 KiB. The three settings below make every thread
+use the main arena, serve large blocks from its heap instead of mmap, and keep freed memory, so
+a step reuses the previous step's pages once the heap has settled (a few steps). The cost: a
+worker's RSS stays at its peak, which a training worker reaches every step anyway. Measured
+effect: bench/results/train_overhead_reuse*.json (`bench/bench_train.py --ablate-reuse`).
 
 glibc reads these at process start, so they travel in the workers' runtime_env
 (`RunConfig(worker_runtime_env=...)`), not through os.environ inside the loop.

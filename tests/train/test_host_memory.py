@@ -63,12 +63,15 @@ def test_ray_train_workers_run_with_the_settings(ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from raysys.train.run import WORKER_ENV
+
     out_file = tmp_path / "faults.json"
 
     def loop(_):
         namespace: dict = {}
         exec(MEASURE, namespace)
-        out = {"env": {k: os.environ.get(k) for k in REUSE_FREED_MEMORY_ENV}}
+        out = {"env": {k: os.environ.get(k) for k in REUSE_FREED_MEMORY_ENV},
+               "job_env": {k: os.environ.get(k) for k in WORKER_ENV}}
         namespace["measure"](out)  # in the thread Ray Train runs this loop in
         out_file.write_text(json.dumps(out))
 
@@ -79,6 +82,7 @@ def test_ray_train_workers_run_with_the_settings(ray_local, tmp_path):
     assert trainer.fit().error is None
     out = json.loads(out_file.read_text())
     assert out["env"] == REUSE_FREED_MEMORY_ENV
+    assert out["job_env"] == WORKER_ENV  # merged with the job's runtime_env (ray_local), not replacing it
     assert out["faults"] < 0.02 * out["pages"], out
 
 
