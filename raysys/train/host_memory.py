@@ -26,8 +26,15 @@ REUSE_FREED_MEMORY_ENV = {
 }
 
 
+def reuses_freed_memory(train: TrainConfig) -> bool:
+    """train.reuse_freed_memory, or by default: CPU workers at ZeRO stage 0. ZeRO >= 1 is chosen to
+    save memory, and there the kept memory raised the peak RSS per rank by about 1 GiB
+    (bench/results/train_zero_scaling_reuse.json against train.json)."""
+    if train.reuse_freed_memory is not None:
+        return train.reuse_freed_memory
+    return not train.use_gpu and train.zero_stage == 0
+
+
 def worker_env_vars(train: TrainConfig) -> dict[str, str]:
     """Environment variables for the Ray Train worker processes of this run."""
-    if train.reuse_freed_memory and not train.use_gpu:
-        return dict(REUSE_FREED_MEMORY_ENV)
-    return {}
+    return dict(REUSE_FREED_MEMORY_ENV) if reuses_freed_memory(train) else {}

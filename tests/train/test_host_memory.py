@@ -42,10 +42,15 @@ def second_touch_faults(env_vars: dict) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_cpu_workers_get_the_settings_and_gpu_or_opted_out_workers_do_not():
-    assert worker_env_vars(Config.from_yaml(None, []).train) == REUSE_FREED_MEMORY_ENV
-    assert worker_env_vars(Config.from_yaml(None, ["train.use_gpu=true"]).train) == {}
-    assert worker_env_vars(Config.from_yaml(None, ["train.reuse_freed_memory=false"]).train) == {}
+def test_default_is_cpu_workers_at_zero_stage_0_and_an_explicit_value_wins():
+    def env(*overrides):
+        return worker_env_vars(Config.from_yaml(None, list(overrides)).train)
+
+    assert env() == REUSE_FREED_MEMORY_ENV  # CPU, ZeRO 0
+    assert env("train.use_gpu=true") == {}
+    assert env("train.zero_stage=2") == {}  # ZeRO is chosen to save memory; kept memory would spend it
+    assert env("train.zero_stage=2", "train.reuse_freed_memory=true") == REUSE_FREED_MEMORY_ENV
+    assert env("train.reuse_freed_memory=false") == {}
 
 
 def test_settings_turn_per_step_page_faults_into_reuse():
