@@ -45,6 +45,8 @@ process runs, and records the load average around every part.
 
     python bench/bench_train.py --out bench/results/train.json
     python bench/bench_train.py --parts overhead --repeats 3 --skip-log-every-1 --out bench/results/train_overhead_repeats.json
+    python bench/bench_train.py --parts overhead --repeats 3 --ablate-reuse --skip-log-every-1 \
+        --out bench/results/train_overhead_reuse_ablation.json
     python bench/bench_train.py --quick       # smoke run: 4 steps, ZeRO 0 and 2, ~6 min
 """
 
@@ -371,10 +373,6 @@ def child_loop(ov: list[str], threads: int, steps: int, label: str, workdir: Pat
     return json.loads(out.read_text())
 
 
-def deepspeed_only(ov: list[str], threads: int, steps: int, label: str, workdir: Path) -> dict:
-    return child_loop(ov, threads, steps, label, workdir, use_deepspeed=True)
-
-
 def child_main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     result = plain_loop(make_config(spec["overrides"]), spec["threads"], spec["steps"], spec["label"],
@@ -662,7 +660,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of plain / DeepSpeed-only / Ray runs for the overhead part (load drifts)")
     ap.add_argument("--ablate-reuse", action="store_true",
-                    help="overhead part: also a Ray run per round with train.reuse_freed_memory=false")
+                    help="overhead part: per round also a Ray run with train.reuse_freed_memory=false and a "
+                         "plain run in a process started with raysys's allocator settings")
     ap.add_argument("--skip-log-every-1", action="store_true", help="skip the extra Ray run with train.log_every=1")
     ap.add_argument("--zero-steps", type=int, default=3)
     ap.add_argument("--zero-stages", default="0,1,2,3")
@@ -724,7 +723,7 @@ def main() -> None:
                     run = child_loop(base_ov, 2, args.steps, label, work, use_deepspeed=False,
                                      env_extra=REUSE_FREED_MEMORY_ENV)
                 else:
-                    run = deepspeed_only(base_ov, 2, args.steps, label, work)
+                    run = child_loop(base_ov, 2, args.steps, label, work, use_deepspeed=True)
             arms[kind].append(run | {"loadavg_before": la, "loadavg_after": loadavg(), "cpu": probe.result})
 
         # Rounds of plain, DeepSpeed-only, Ray, closed by one more DeepSpeed-only and plain run: the

@@ -77,7 +77,7 @@ class TrainConfig:
     torch_threads: int = 1  # per worker; oversubscription is the worst slowdown on small hosts
     # glibc keeps freed host memory for reuse instead of unmapping large tensors every step
     # (raysys.train.host_memory): ~1.3x faster CPU steps, RSS stays at its peak. None: on for CPU
-    # workers at ZeRO stage 0; off on GPUs and at ZeRO >= 1 (it raised their peak RSS by ~1 GiB/rank).
+    # workers at ZeRO stage 0; off on GPUs and at ZeRO >= 1 (it raised their peak RSS by 0.4-1.6 GiB/rank).
     reuse_freed_memory: bool | None = None
     checkpoint_every: int = 30  # steps; a checkpoint is also written at the end
     eval_every: int = 30  # steps between validation-loss evaluations

@@ -28,8 +28,8 @@ REUSE_FREED_MEMORY_ENV = {
 
 def reuses_freed_memory(train: TrainConfig) -> bool:
     """train.reuse_freed_memory, or by default: CPU workers at ZeRO stage 0. ZeRO >= 1 is chosen to
-    save memory, and there the kept memory raised the peak RSS per rank by about 1 GiB
-    (bench/results/train_zero_scaling_reuse.json against train.json)."""
+    save memory, and there the kept memory raised the peak RSS per rank by 0.4-1.6 GiB
+    (bench/results/train_zero_scaling_reuse.json against train_zero_auto_reuse.json)."""
     if train.reuse_freed_memory is not None:
         return train.reuse_freed_memory
     return not train.use_gpu and train.zero_stage == 0
