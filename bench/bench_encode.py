@@ -101,7 +101,7 @@ def main() -> None:
     from raysys.eval.encode import encode_texts
     from raysys.model.default import resolve_model_path
     from raysys.model.encoder import EncoderSettings
-    from raysys.train.run import ensure_ray
+    from raysys.runtime import ensure_ray
 
     torch.set_num_threads(args.threads)  # sentence-transformers runs in this process
     queries, candidates = load_texts(args.source, args.queries, args.candidates, args.seed)
@@ -191,7 +191,7 @@ def main() -> None:
         "benchmark": "encoding throughput: raysys Ray Data encoder vs SentenceTransformer.encode (same model, texts)",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine() | {"ray_init": f"raysys.train.run.ensure_ray(num_cpus={args.threads})",
+        "machine": machine() | {"ray_init": f"raysys.runtime.ensure_ray(num_cpus={args.threads})",
                                 "loadavg_1_5_15_per_round": load,
                                 "note": "shared 2-core machine: other test runs were active; ratios are taken "
                                         "within one run, contenders alternated per round"},

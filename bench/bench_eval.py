@@ -80,7 +80,7 @@ def headline(summary: dict) -> dict:
 
 def part_full(args) -> dict:
     import raysys.eval.run as run_mod
-    from raysys.train.run import ensure_ray
+    from raysys.runtime import ensure_ray
 
     import ray
 
@@ -152,7 +152,7 @@ def part_fast(args) -> dict:
     from raysys.eval.lareqa import evaluate_lareqa
     from raysys.eval.run import encoder_settings, load_eval_corpus
     from raysys.model.default import resolve_model_path
-    from raysys.train.run import ensure_ray
+    from raysys.runtime import ensure_ray
 
     config = make_config(args, "test")
     ensure_ray(num_cpus=args.threads)
@@ -220,7 +220,7 @@ def main() -> None:
         t = time.perf_counter()
         section = {"full": part_full, "fast": part_fast}[part](args)
         section |= {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "command": command,
-                    "machine": machine() | {"ray_init": f"raysys.train.run.ensure_ray(num_cpus={args.threads})",
+                    "machine": machine() | {"ray_init": f"raysys.runtime.ensure_ray(num_cpus={args.threads})",
                                             "note": "shared 2-core machine: other test runs were active"},
                     "part_wall_s": round(time.perf_counter() - t, 1)}
         report[{"full": "full_split_fp32", "fast": "fast_path_test_split"}[part]] = section

@@ -401,11 +401,11 @@ def _recorder_class():
 
 
 def start_ray(num_cpus: int) -> None:
-    """As raysys does (`raysys.train.run.ensure_ray`), with more logical CPUs than cores so Ray Data
+    """As raysys does (`raysys.runtime.ensure_ray`), with more logical CPUs than cores so Ray Data
     keeps a slot next to the workers. Keep the dashboard: Ray Train V2's PlacementGroupCleaner asks
     the State API whether the controller lives; without a dashboard, and with another Ray instance on
     the host, it decided the controller was dead and removed the workers' placement group."""
-    from raysys.train.run import ensure_ray
+    from raysys.runtime import ensure_ray
 
     ensure_ray(num_cpus=num_cpus)
 
@@ -702,7 +702,7 @@ def main() -> None:
                         "max_query_length": args.max_query_length, "max_passage_length": args.max_passage_length,
                         "precision": args.precision, "alpha": args.alpha, "seed": args.seed, "steps": args.steps,
                         "warmup_steps_dropped": args.warmup, "last_window_dropped": True, "log_every": args.log_every,
-                        "zero_steps": args.zero_steps, "ray_init": f"raysys.train.run.ensure_ray(num_cpus={args.ray_cpus})",
+                        "zero_steps": args.zero_steps, "ray_init": f"raysys.runtime.ensure_ray(num_cpus={args.ray_cpus})",
                         "quick": args.quick, "hard_negatives": "none in XQuAD-R (2 encoder forwards per step)"},
            "targets": {}, "pass": {}}
     t_start = time.perf_counter()

@@ -13,7 +13,8 @@ from raysys.config import Config
 from raysys.eval.report import format_summary_table, write_comparison, write_report
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
-from raysys.train.run import ensure_ray, train
+from raysys.runtime import ensure_ray
+from raysys.train.run import train
 
 QUICK_OVERRIDES = {"train": {"max_steps": 4, "global_batch_size": 8, "checkpoint_every": 4, "eval_every": 4,
                              "log_every": 1},

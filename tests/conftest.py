@@ -38,7 +38,7 @@ def ray_local():
     0.5 each and Ray Data still needs CPUs to stream their shards (else it can hang on 2 cores)."""
     import ray
 
-    from raysys.train.run import WORKER_ENV
+    from raysys.runtime import WORKER_ENV
 
     ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": WORKER_ENV},
              log_to_driver=False)

@@ -24,7 +24,7 @@ from raysys.eval.encode import encode_texts
 from raysys.eval.lareqa import evaluate_lareqa
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import EncoderSettings
-from raysys.train.run import ensure_ray
+from raysys.runtime import ensure_ray
 
 
 def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSettings:

@@ -7,8 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import ray
-import ray.data
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
@@ -16,14 +14,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raysys.config import Config
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import check_model
+from raysys.runtime import ensure_ray
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
 from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE
 from raysys.train.host_memory import worker_env_vars
 from raysys.train.loop import train_loop_per_worker
-
-# Environment every worker needs.
-# (DS_ACCELERATOR is set per run in the loop: cpu, or cuda when train.use_gpu.)
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAY_DATA_DISABLE_PROGRESS_BARS": "1"}
 
 
 @dataclass
@@ -32,16 +27,6 @@ class TrainOutcome:
     model_path: str  # the exported HF / sentence-transformers directory
     metrics: dict
     run_path: str
-
-
-def ensure_ray(num_cpus: int | None = None) -> None:
-    """Connect to a cluster when RAY_ADDRESS is set (ray job submit), else start local Ray."""
-    if ray.is_initialized():
-        return
-    ray.init(num_cpus=num_cpus, runtime_env={"env_vars": dict(WORKER_ENV)},
-             log_to_driver=True, ignore_reinit_error=True)
-    # The DataContext travels to the workers: per-worker shard bars would only add noise.
-    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 def run_name(config: Config) -> str:

@@ -23,7 +23,8 @@ from raysys.eval.report import write_comparison
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
 from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
-from raysys.train.run import ensure_ray, storage_dir, train
+from raysys.runtime import ensure_ray
+from raysys.train.run import storage_dir, train
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"

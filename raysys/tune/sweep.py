@@ -92,7 +92,8 @@ class SweepOutcome:
 
 
 def run_sweep(config: Config) -> SweepOutcome:
-    from raysys.train.run import ensure_ray, storage_dir
+    from raysys.runtime import ensure_ray
+    from raysys.train.run import storage_dir
 
     s, t = config.tune, config.train
     if s.mode not in ("min", "max"):

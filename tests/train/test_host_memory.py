@@ -77,7 +77,7 @@ def test_ray_train_workers_run_with_the_settings(ray_local, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raysys.train.run import WORKER_ENV
+    from raysys.runtime import WORKER_ENV
 
     out_file = tmp_path / "faults.json"
 
