@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 RAYSYS_DATA_SOURCE ?= $(wildcard ../shared/data/xquad-r)
 export RAYSYS_DATA_SOURCE
 
-.PHONY: install demo quick test test-slow bench clean
+.PHONY: install demo quick test test-slow test-cluster bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow $(ARGS)
+
+# A real multi-node Ray cluster (private node filesystems, needs root for unshare -m) + an S3 server.
+test-cluster: $(STAMP)
+	$(BIN)/python -m pytest -m cluster $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs runs

@@ -265,7 +265,7 @@ def plain_loop(config, threads: int, steps: int, label: str, use_deepspeed: bool
     from raysys.model.default import resolve_model_path
     from raysys.model.encoder import BiEncoder
     from raysys.train.collectives import mean_over_ranks
-    from raysys.train.deepspeed_config import build_deepspeed_config
+    from raysys.train.deepspeed_config import ScheduledLR, build_deepspeed_config, lr_scheduler_factory
     from raysys.train.loop import batch_digest, encoder_settings
     from raysys.train.loss import info_nce_loss
 
@@ -288,7 +288,8 @@ def plain_loop(config, threads: int, steps: int, label: str, use_deepspeed: bool
         import deepspeed
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        engine, _, _, _ = deepspeed.initialize(model=model, config=ds, model_parameters=params)
+        engine, _, _, _ = deepspeed.initialize(model=model, config=ds, model_parameters=params,
+                                               lr_scheduler=lr_scheduler_factory(t, total))
         if t.zero_stage == 0:
             engine.enable_backward_allreduce = False  # as raysys.train.loop does with one worker
         net = engine
@@ -296,15 +297,7 @@ def plain_loop(config, threads: int, steps: int, label: str, use_deepspeed: bool
         net = model
         optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=t.weight_decay,
                                       fused=bool(ds["optimizer"]["params"].get("fused")))  # as raysys
-        # DeepSpeed's WarmupDecayLR as it actually runs: warmup clamped to >= 2 steps, and it starts at
-        # iteration -1 (min lr), so the first two steps use lr 0 and the schedule is one step late.
-        sched = ds["scheduler"]["params"]
-        warmup, n = max(2, sched["warmup_num_steps"]), sched["total_num_steps"]
-
-        def gamma(i: int) -> float:
-            return i / warmup if i < warmup else max(0.0, (n - i) / max(1.0, n - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.0 if it == 0 else gamma(it - 1))
+        scheduler = ScheduledLR(optimizer, total_steps=total, warmup_ratio=t.warmup_ratio, decay=t.lr_decay)
     step_s, losses, digests, lrs = [], [], [], []
     global_step, last = 0, time.perf_counter()
     for epoch in range(t.epochs):
@@ -562,7 +555,7 @@ def zero_loop(loop_config: dict) -> None:
     from raysys.data.hybrid import HybridBatcher, ParallelItems
     from raysys.model.encoder import BiEncoder
     from raysys.train.datasets import rows_for_rank
-    from raysys.train.deepspeed_config import build_deepspeed_config
+    from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
     from raysys.train.loop import encoder_settings
     from raysys.train.loss import info_nce_loss
 
@@ -584,7 +577,8 @@ def zero_loop(loop_config: dict) -> None:
     steps = t.max_steps
     ds_config = build_deepspeed_config(t, total_steps=steps, world_size=world)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                           lr_scheduler=lr_scheduler_factory(t, steps))
     rss_init = rss_bytes()
     snapshots, step_s, rss_after_step = [], [], []
     last = time.perf_counter()

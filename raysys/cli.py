@@ -1,20 +1,26 @@
 """`raysys prepare|train|eval|tune|reproduce|demo`: thin commands over the library.
 
-Every command takes `--config some.yaml` plus `section.key=value` overrides. User errors (bad
-data, bad config) print one line and exit 2, also when they happened inside a Ray worker.
+Every command takes `--config some.yaml` plus `section.key=value` overrides (also after a list
+option: `--datasets a b eval.split=test`). User errors (bad data, bad config) print one line and
+exit 2, also when they happened inside a Ray worker. Ray's own logs stay at WARNING unless
+`--verbose`; progress is drawn by the driver (raysys.progress) and each command ends with a summary.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import os
+import re
 import sys
+import time
 from pathlib import Path
 
 from raysys.config import Config
+from raysys.console import is_verbose, set_verbose
 from raysys.errors import RaysysError
+
+# `section.key=value` (or `key=value`): an override, never a dataset name or a seed.
+OVERRIDE_WORD = re.compile(r"^[A-Za-z_][\w.]*=")
 
 
 def _config(args) -> Config:
@@ -33,28 +39,43 @@ def cmd_prepare(args) -> None:
 
 def cmd_train(args) -> None:
     config = _config(args)  # config errors first, before the heavy imports
-    from raysys.train.run import train
+    from raysys.summary import describe_training, markdown_table, print_summary
+    from raysys.train.progress import train_with_progress
 
-    print(config.to_yaml())
-    outcome = train(config)
-    print(f"final checkpoint: {outcome.checkpoint_path}\nexported model:   {outcome.model_path}")
-    print(json.dumps({k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))}, indent=2))
+    started = time.perf_counter()
+    if is_verbose():
+        print(config.to_yaml())  # also saved in every checkpoint's state
+    print(f"[train] {describe_training(config)}", flush=True)
+    outcome = train_with_progress(config)
+    m = outcome.metrics
+    columns = [("step", "Step"), ("loss", "Loss"), ("val_loss", "Val loss"), ("train_accuracy", "Train acc."),
+               ("mono_steps", "Mono steps"), ("cross_steps", "Cross steps")]
+    shown = [(key, title) for key, title in columns if isinstance(m.get(key), (int, float))]
+    table = markdown_table([[title for _, title in shown],
+                            [f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]) for key, _ in shown]],
+                           text_cols=0) if shown else ""
+    print_summary("train", time.perf_counter() - started, [describe_training(config)],
+                  {"final checkpoint": outcome.checkpoint_path, "exported model": outcome.model_path,
+                   "run": outcome.run_path}, table)
 
 
 def cmd_eval(args) -> None:
     config = _config(args)
     from raysys.eval.lareqa import paired_bootstrap_settings
-    from raysys.eval.report import format_summary_table, is_lareqa, write_comparison, write_report
+    from raysys.eval.report import is_lareqa, write_comparison, write_report
     from raysys.eval.run import evaluate
+    from raysys.summary import headline_table, print_summary
 
+    started = time.perf_counter()
     out_dir = Path(args.out or Path(config.output_dir) / "eval")
     models = dict(_label(m) for m in (args.model or [config.model.name_or_path]))
-    runs = {}
+    datasets = args.datasets or config.eval.datasets
+    runs, reports = {}, {}
     for label, model in models.items():
-        runs[label] = evaluate(model, args.datasets or config.eval.datasets, config, out_dir)
+        print(f"[eval] {label}: {', '.join(map(str, datasets))} (eval.split={config.eval.split})", flush=True)
+        runs[label] = evaluate(model, datasets, config, out_dir)
         paths = write_report(runs[label], out_dir / label, title=f"{label} ({model})")
-        print(format_summary_table(runs[label]))
-        print(f"report: {paths['summary.md']}")
+        reports[f"report {label}"] = str(paths["summary.md"])  # every metric, per language pair too
     if len(runs) > 1:  # side by side, with paired bootstrap CIs of each run against the first
         first = next(iter(runs))
         bootstrap = {f"{label} vs {first}": {name: paired_bootstrap_settings([runs[label]], [runs[first]], name,
@@ -62,7 +83,10 @@ def cmd_eval(args) -> None:
                                              for name, result in runs[first].items() if is_lareqa(result)}
                      for label in list(runs)[1:]}
         paths = write_comparison(runs, out_dir / "comparison", baseline=first, bootstrap=bootstrap)
-        print(paths["comparison.md"].read_text())
+        reports["comparison"] = str(paths["comparison.md"])
+    print_summary("eval", time.perf_counter() - started,
+                  [f"{label} ({model}) on {', '.join(map(str, datasets))}" for label, model in models.items()],
+                  reports, headline_table(runs))
 
 
 def _label(spec: str) -> tuple[str, str]:
@@ -101,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     def add(name, func, help_text):
         p = sub.add_parser(name, help=help_text)
         p.add_argument("--config", help="YAML config (sections: data, model, train, eval, tune)")
+        p.add_argument("-v", "--verbose", action="store_true",
+                       help="also show Ray's own INFO logs (cluster start, data plans, Ray Train reports)")
         p.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.alpha=0.5")
         p.set_defaults(func=func)
         return p
@@ -112,17 +138,41 @@ def build_parser() -> argparse.ArgumentParser:
     add("train", cmd_train, "fine-tune with hybrid batches (Ray Train + DeepSpeed)")
     p = add("eval", cmd_eval, "evaluate models on LAReQA / MIRACL-style datasets")
     p.add_argument("--model", action="append", help="model, checkpoint dir or label=path (repeatable)")
-    p.add_argument("--datasets", nargs="+", help="dataset names or directories (miracl:<dir> for MIRACL)")
+    p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
+                   help="dataset names or directories (miracl:<dir> for MIRACL)")
     p.add_argument("--out", help="report directory (default <output_dir>/eval)")
     add("tune", cmd_tune, "Ray Tune sweep over alpha (and lr, temperature)")
     p = add("reproduce", cmd_reproduce, "alpha = 1 vs 0.5 vs 0 with several seeds, evaluated zero-shot")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--datasets", nargs="+", help="held-out LAReQA-format datasets to evaluate on")
+    p.add_argument("--seeds", type=int_or_override, nargs="+", default=[0, 1, 2], action=ListThenOverrides)
+    p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
+                   help="held-out LAReQA-format datasets to evaluate on")
     p.add_argument("--retrain", action="store_true",
                    help="train every run again (default: reuse runs that already finished with the same config)")
     p = add("demo", cmd_demo, "the default job: build model, train alpha=0.5, evaluate before/after")
     p.add_argument("--quick", action="store_true", help="a smoke test in a couple of minutes")
     return parser
+
+
+def int_or_override(text: str) -> int | str:
+    if OVERRIDE_WORD.match(text):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+class ListThenOverrides(argparse.Action):
+    """A `nargs="+"` option that leaves `key=value` words to the overrides: in `--datasets xquad-r
+    eval.split=test` the second word is an override, never a dataset called 'eval.split=test'."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        overrides = [v for v in values if isinstance(v, str) and OVERRIDE_WORD.match(v)]
+        items = [v for v in values if v not in overrides]
+        if not items:
+            parser.error(f"{option_string}: expected at least one value before {overrides[0]}")
+        setattr(namespace, self.dest, items)
+        namespace.moved_overrides = [*getattr(namespace, "moved_overrides", []), *overrides]
 
 
 def find_user_error(exc: BaseException) -> RaysysError | None:
@@ -143,8 +193,10 @@ def find_user_error(exc: BaseException) -> RaysysError | None:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("ray.data").setLevel(logging.WARNING)  # our own progress bars say enough
     args = build_parser().parse_args(argv)
+    args.overrides = [*getattr(args, "moved_overrides", []), *args.overrides]
+    if args.verbose:
+        set_verbose()
     if args.command == "prepare" and args.dataset is None:
         args.dataset = ["xquad-r"]
     try:

@@ -59,7 +59,8 @@ class TrainConfig:
     max_steps: int | None = 60  # stop after this many optimizer steps (None: full epochs)
     lr: float = 3e-5
     weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # in [0, 1): share of optimizer steps that ramp the LR up linearly
+    lr_decay: str = "linear"  # after warmup: linear (towards 0 at the end) | constant
     temperature: float = 0.05
     symmetric_loss: bool = False
     use_hard_negatives: bool = True
@@ -97,7 +98,9 @@ class EvalConfig:
     # every article of any other dataset: zero-shot) | test | validation | all
     split: str = "auto"
     batch_tokens: int | None = None  # padded tokens per encoder forward; None: 1024 on CPU, 8192 on GPU
-    fast_path: str | None = None  # None: exact fp32 | "bf16" (~3x on AVX512-BF16 CPUs, no mAP lost) | "int8" (lossy)
+    # None: exact fp32 | "bf16" (~3x on AVX512-BF16/AMX CPUs, no mAP lost; refused on CPUs without
+    # them, where it runs ~7x slower: raysys.eval.preflight) | "int8" (lossy)
+    fast_path: str | None = None
     num_encoders: int = 1  # Ray Data actor-pool size
     num_shards: int = 2  # FAISS index shards
     top_k: int = 100
@@ -165,6 +168,8 @@ class Config:
 
     def validate(self) -> None:
         t, fail = self.train, self._fail
+        if self.seed < 0:  # numpy's seed sequences (the batch schedule, in every worker) refuse it
+            raise fail("seed", f"{self.seed} is negative", "use 0 or a positive integer")
         if not 0.0 <= t.alpha <= 1.0:
             raise fail("train.alpha", f"{t.alpha} is outside [0, 1]",
                        "set it between 0 = cross-lingual batches only and 1 = monolingual batches only")
@@ -193,6 +198,19 @@ class Config:
             raise fail("train.max_failures", f"{t.max_failures} is negative", "use 0 or more")
         if not t.lr > 0:
             raise fail("train.lr", f"{t.lr} is not positive", "e.g. 3e-5")
+        if not 0.0 <= t.warmup_ratio < 1.0:
+            raise fail("train.warmup_ratio", f"{t.warmup_ratio} is outside [0, 1)",
+                       "use 0 for no warmup, or a fraction of the optimizer steps such as 0.1")
+        if t.lr_decay not in ("linear", "constant"):
+            raise fail("train.lr_decay", f"unknown LR decay {t.lr_decay!r}", "use linear or constant")
+        if t.gradient_clipping < 0:
+            raise fail("train.gradient_clipping", f"{t.gradient_clipping} is negative", "use 0 to turn clipping off")
+        if t.weight_decay < 0:  # torch's AdamW would refuse it inside every worker
+            raise fail("train.weight_decay", f"{t.weight_decay} is negative", "use 0 or more, e.g. 0.01")
+        if t.cpus_per_worker < 0:
+            raise fail("train.cpus_per_worker", f"{t.cpus_per_worker} is negative", "use 0 or more, e.g. 0.5")
+        if t.logger not in (None, "tensorboard", "mlflow"):
+            raise fail("train.logger", f"unknown logger {t.logger!r}", "use tensorboard, mlflow or null")
         if self.model.pooling not in ("mean", "cls"):
             raise fail("model.pooling", f"unknown pooling {self.model.pooling!r}", "use mean or cls")
         for key in ("max_query_length", "max_passage_length"):

@@ -10,11 +10,12 @@ import time
 from pathlib import Path
 
 from raysys.config import Config
-from raysys.eval.report import format_summary_table, write_comparison, write_report
+from raysys.eval.report import write_comparison, write_report
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
 from raysys.runtime import ensure_ray
-from raysys.train.run import train
+from raysys.summary import describe_training, headline_lines, headline_table, print_summary
+from raysys.train.progress import train_with_progress
 
 QUICK_OVERRIDES = {"train": {"max_steps": 4, "global_batch_size": 8, "checkpoint_every": 4, "eval_every": 4,
                              "log_every": 1},
@@ -37,22 +38,27 @@ def run_demo(config: Config, quick: bool = False) -> dict:
     out = Path(config.output_dir) / config.name
     ensure_ray()
     base_model = resolve_model_path(config.model.name_or_path)
-    print(f"[demo] model: {base_model}\n[demo] evaluating the untrained model on "
-          f"{', '.join(config.eval.datasets)} (eval.split={config.eval.split})",
-          flush=True)
+    datasets = ", ".join(map(str, config.eval.datasets))
+    print(f"[demo] 1/3 evaluating the untrained model ({base_model}) on {datasets} "
+          f"(eval.split={config.eval.split})", flush=True)
     before = evaluate(base_model, config.eval.datasets, config, out / "eval")
     write_report(before, out / "eval" / "untrained", title="untrained")
-    print(format_summary_table(before), flush=True)
+    for line in headline_lines("[demo] untrained", before):
+        print(line, flush=True)
 
-    print(f"[demo] training alpha={config.train.alpha} for {config.train.max_steps} steps of "
-          f"{config.train.global_batch_size} pairs on {config.train.num_workers} workers", flush=True)
-    outcome = train(config)
+    print(f"[demo] 2/3 training {describe_training(config)}", flush=True)
+    outcome = train_with_progress(config)
+    print("[demo] 3/3 evaluating the trained model", flush=True)
     after = evaluate(outcome.model_path, config.eval.datasets, config, out / "eval")
     label = f"hybrid alpha={config.train.alpha}"
     write_report(after, out / "eval" / "trained", title=label)
-    paths = write_comparison({"untrained": before, label: after}, out / "eval" / "comparison",
-                             baseline="untrained")
-    print(paths["comparison.md"].read_text(), flush=True)
-    print(f"[demo] done in {time.perf_counter() - started:.0f} s; report: {out / 'eval'}; "
-          f"model: {outcome.model_path}", flush=True)
+    runs = {"untrained": before, label: after}
+    paths = write_comparison(runs, out / "eval" / "comparison", baseline="untrained")
+    print_summary("demo", time.perf_counter() - started,
+                  [f"evaluated the untrained model ({config.model.name_or_path}) on {datasets}",
+                   f"trained {describe_training(config)}", "evaluated the trained model on the same articles"],
+                  {"report": str(paths["comparison.md"]),
+                   "per run": f"{out / 'eval' / 'untrained'}, {out / 'eval' / 'trained'}",
+                   "model": outcome.model_path},
+                  headline_table(runs))
     return {"before": before, "after": after, "model_path": outcome.model_path}

@@ -13,6 +13,7 @@ from pathlib import Path
 import ray
 import ray.data
 
+from raysys.console import ray_init_args
 from raysys.errors import RaysysError
 
 # Environment every Ray worker process needs (merged into the job's runtime_env).
@@ -31,13 +32,17 @@ def check_cluster_auth(address: str | None) -> None:
     failing, so refuse up front when a token is available on this machine but not enabled."""
     if not address or address == "local" or address.startswith(("http://", "https://")):
         return  # local Ray, or the job-submission HTTP API (the CLI handles its own auth)
-    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    # Ray enables token auth by itself only for clusters it finds without an address; with an explicit
+    # address and no RAY_AUTH_MODE it never sends the token, and retries "Unauthenticated" forever.
+    if "RAY_AUTH_MODE" in os.environ:
+        return
     token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if mode != "token" and (AUTH_TOKEN_FILE.exists() or token):
+    if AUTH_TOKEN_FILE.exists() or token:
         raise RayConnectionError(
-            f"RAY_ADDRESS={address}: this machine has a Ray auth token ({AUTH_TOKEN_FILE}) but RAY_AUTH_MODE "
-            "is not 'token', so the cluster would refuse the connection (set RAY_AUTH_MODE=token, as for every "
-            "node and driver of a `ray start` cluster; or run through `ray job submit`)")
+            f"RAY_ADDRESS={address}: RAY_AUTH_MODE is not set, so Ray would not send this machine's auth token "
+            f"({AUTH_TOKEN_FILE if not token else 'RAY_AUTH_TOKEN'}) and a `ray start` cluster refuses the "
+            "connection (set RAY_AUTH_MODE=token, as on every node and driver; RAY_AUTH_MODE=disabled if the "
+            "cluster runs without token auth)")
 
 
 def ensure_ray(num_cpus: int | None = None) -> None:
@@ -46,17 +51,14 @@ def ensure_ray(num_cpus: int | None = None) -> None:
         return
     address = os.environ.get("RAY_ADDRESS")
     check_cluster_auth(address)
-    ray.init(num_cpus=None if address else num_cpus, runtime_env={"env_vars": dict(WORKER_ENV)},
-             log_to_driver=True, ignore_reinit_error=True)
+    # Under `ray job submit --runtime-env ...` the job's runtime env and ours both set env vars
+    # (e.g. TOKENIZERS_PARALLELISM); Ray refuses any shared key unless told to combine them.
+    os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+    # runtime_env (WORKER_ENV plus a worker setup hook) and Ray's log level: raysys.console
+    ray.init(num_cpus=None if address else num_cpus, log_to_driver=True, ignore_reinit_error=True,
+             **ray_init_args(address, WORKER_ENV))
     # The DataContext travels to the workers: per-worker shard bars would only add noise.
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def cluster_node_count() -> int:
-    """Alive nodes that can run work (CPUs or GPUs); 1 for a local Ray."""
-    nodes = [n for n in ray.nodes() if n.get("Alive")]
-    workers = [n for n in nodes if n.get("Resources", {}).get("CPU", 0) or n.get("Resources", {}).get("GPU", 0)]
-    return max(1, len(workers))
 
 
 def is_multi_node() -> bool:

@@ -353,7 +353,7 @@ def test_fault_resume_skips_an_incomplete_checkpoint(tmp_path):
     (run / "checkpoint_000002").mkdir()
     (run / "checkpoint_000002" / STATE_FILE).write_text('{"global_step": 1')  # crashed mid-write
     (run / "checkpoint_000003").mkdir()  # crashed before the state was written
-    assert latest_checkpoint_dir(run) == run / "checkpoint_000001"
+    assert latest_checkpoint_dir(run) == str(run / "checkpoint_000001")
     with pytest.raises(RaysysError) as info:
         latest_checkpoint_dir(run / "checkpoint_000002")
     message = str(info.value)

@@ -47,24 +47,42 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
             local.extend(_expand_local(Path(text.removeprefix("file://"))))
     if not local and not remote:
         raise DataError("no input files given", hint="set data.train to a file, a directory of files or a URI")
+    pinned: list[str] = []
     if sum(p.stat().st_size for p in local) > DRIVER_READ_MAX_BYTES:
-        # local:// runs the read tasks on this (head) node, where the files are.
-        remote += [f"local://{p.resolve()}" for p in local]
+        if _every_node_sees(local):  # a shared filesystem: read tasks may run anywhere
+            remote += [str(p.resolve()) for p in local]
+        else:  # local:// runs the read tasks on this node, where the files are
+            pinned = [f"local://{p.resolve()}" for p in local]
         local = []
     datasets = []
     if local:  # validated here, on the driver: a bad line fails before any cluster work
         datasets.append(ray.data.from_arrow([validate_pairs_file(p) for p in local]))
     if remote:
         datasets.append(_read_with_ray(remote))
+    if pinned:
+        # The driver's node may have no CPUs for work (the head of the shipped cluster configs):
+        # reading takes none; validation then runs on any node.
+        datasets.append(_read_with_ray(pinned, read_cpus=0))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
-def _read_with_ray(uris: list[str]) -> ray.data.Dataset:
-    """Remote files through Ray Data: one whole file per row, validated in the read tasks."""
+def _every_node_sees(paths: list[Path]) -> bool:
+    """True on one node, or when every node of the cluster sees these files with their sizes."""
+    from raysys.artifacts import nodes_not_seeing
+    from raysys.runtime import ensure_ray, is_multi_node
+
+    ensure_ray()
+    if not is_multi_node():
+        return False  # local:// on the only node: as before
+    return not nodes_not_seeing({str(p.resolve()): p.stat().st_size for p in paths})[0]
+
+
+def _read_with_ray(uris: list[str], read_cpus: float | None = None) -> ray.data.Dataset:
+    """Remote files through Ray Data: one whole file per row, validated in the map tasks."""
     import ray.data
 
     extensions = [s.lstrip(".") for s in JSONL_SUFFIXES + PARQUET_SUFFIXES]
-    files = ray.data.read_binary_files(uris, include_paths=True, file_extensions=extensions)
+    files = ray.data.read_binary_files(uris, include_paths=True, file_extensions=extensions, num_cpus=read_cpus)
     pairs = files.map_batches(_validate_file_batch, batch_format="pyarrow", batch_size=1)
     # Per-dataset setting (inherited by derived datasets): the caller gets the DataError itself,
     # with file/row/field, instead of Ray Data's generic UserCodeException wrapper.

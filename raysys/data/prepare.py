@@ -58,8 +58,15 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def resolve_dataset(name_or_path: str | Path, source_dir: str | Path | None = None) -> Path | str:
-    """A known dataset name -> its prepared cache directory; anything else is returned as is."""
+    """A known dataset name -> its prepared cache directory; a dataset directory published to
+    storage by a driver (raysys.artifacts) -> its copy in this node's cache; anything else
+    (local paths, JSONL/Parquet URIs that Ray Data reads directly) is returned as is."""
     if str(name_or_path) not in DATASETS:
+        from raysys import storage
+        from raysys.artifacts import MANIFEST, materialize
+
+        if storage.is_remote(name_or_path) and storage.is_file(storage.join(str(name_or_path), MANIFEST)):
+            return materialize(str(name_or_path))
         return name_or_path
     name = str(name_or_path)
     target = cache_dir() / "data" / name
@@ -147,10 +154,7 @@ def _fetch_url(url: str, timeout: float) -> bytes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """temp file + fsync + rename: a crash leaves the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.part-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """temp file + fsync + rename (raysys.storage): a crash leaves the old file or the new one."""
+    from raysys import storage
+
+    storage.write_bytes(path, data)

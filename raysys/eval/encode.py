@@ -15,20 +15,21 @@ quantization (per-channel weights) to every Linear layer (CPU only). None: exact
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray.data
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from raysys import storage
 from raysys.errors import ConfigError
 from raysys.model.encoder import BiEncoder, EncoderSettings, pool
+from raysys.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,10 @@ def apply_fast_path(model: BiEncoder, fast_path: str | None, device: torch.devic
         with warnings.catch_warnings():  # torch deprecates its quantized tensor types (still works in 2.13)
             warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated",
                                     category=UserWarning)
+            # ... and the whole torch.ao.quantization flow. Its successor (torchao) is not a dependency,
+            # and torch._int_mm ran ~50x slower than this fbgemm kernel on CPU: kept knowingly until then.
+            warnings.filterwarnings("ignore", message="torch.ao.quantization is deprecated",
+                                    category=DeprecationWarning)
             model.backbone = quantize_dynamic(model.backbone, {torch.nn.Linear: per_channel_dynamic_qconfig},
                                               dtype=torch.qint8)
     return model
@@ -75,6 +80,7 @@ class EncoderActor:
 
     def __init__(self, model_path: str, settings: dict, batch_tokens: int | None = None, threads: int | None = None,
                  fast_path: str | None = None):
+        threads = threads or assigned_cpus()  # this actor's own CPUs, on whichever node it landed
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -129,6 +135,15 @@ class EncoderActor:
         return emb.cpu().numpy()
 
 
+def assigned_cpus() -> int | None:
+    """Whole CPUs Ray assigned to this actor (its node's share, not the driver's core count)."""
+    try:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # not inside a Ray worker
+        return None
+    return max(1, int(cpus)) if cpus else None
+
+
 def token_budget_chunks(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     """Positions grouped shortest first into sub-batches whose padded size (rows x longest row)
     stays within `batch_tokens` (a longer row than the budget gets a sub-batch of its own)."""
@@ -157,12 +172,12 @@ def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, se
     encoded at once. `fast_path` ("bf16", "int8"; None = exact) is recorded in each shard, and a
     shard encoded another way is encoded again."""
     fast_path = check_fast_path(fast_path)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = str(out_dir)  # a local path or a storage URI (raysys.storage)
+    storage.makedirs(out_dir)
     kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
     if len(kinds) != len(texts):
         raise ValueError(f"{len(kinds)} kinds for {len(texts)} texts")
-    shard_paths = [out_dir / f"{name}-{i:05d}.npz" for i in range(-(-len(texts) // shard_size))]
+    shard_paths = [storage.join(out_dir, f"{name}-{i:05d}.npz") for i in range(-(-len(texts) // shard_size))]
     missing = [i for i, p in enumerate(shard_paths) if not _valid_shard(p, i, shard_size, len(texts), fast_path)]
     if missing:
         # Shard by shard (only the last shard can be short, and it comes last), so every actor
@@ -173,47 +188,49 @@ def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, se
             EncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
                                                  "batch_tokens": batch_tokens, "threads": threads,
                                                  "fast_path": fast_path},
-            batch_size=shard_size, batch_format="numpy", concurrency=num_encoders,
+            batch_size=shard_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
         pending: dict[int, dict[int, np.ndarray]] = {i: {} for i in missing}
-        bar = tqdm(total=len(rows), desc=f"encode {name}", unit="text", disable=not progress)
+        bar = Progress(f"encode {name}", len(rows), "texts", mode=None if progress else "off")
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for row, emb in zip(batch["row"], batch["embedding"]):
                 shard = int(row) // shard_size
                 pending[shard][int(row)] = emb
                 if len(pending[shard]) == _shard_len(shard, shard_size, len(texts)):
                     _write_shard(shard_paths[shard], pending.pop(shard), fast_path)
-            bar.update(len(batch["row"]))
+            bar.advance(len(batch["row"]))
         bar.close()
         if pending:  # an actor returned fewer rows than it was given: never silently short
             raise RuntimeError(f"encode {name}: shards {sorted(pending)} came back incomplete")
-    return np.concatenate([np.load(p)["embedding"] for p in shard_paths]) if shard_paths else np.zeros((0, 0))
+    return np.concatenate([_load_shard(p)["embedding"] for p in shard_paths]) if shard_paths else np.zeros((0, 0))
 
 
 def _shard_len(shard: int, shard_size: int, total: int) -> int:
     return min(shard_size, total - shard * shard_size)
 
 
-def _valid_shard(path: Path, shard: int, shard_size: int, total: int, fast_path: str | None = None) -> bool:
-    if not path.exists():
+def _load_shard(path: str) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(path))) as z:
+        return {key: z[key] for key in z.files}
+
+
+def _valid_shard(path: str, shard: int, shard_size: int, total: int, fast_path: str | None = None) -> bool:
+    if not storage.exists(path):
         return False
     try:
-        with np.load(path) as z:
-            rows = z["row"]
-            made_by = str(z["fast_path"]) if "fast_path" in z.files else ""
-            return (len(rows) == _shard_len(shard, shard_size, total) and int(rows[0]) == shard * shard_size
-                    and z["embedding"].shape[0] == len(rows) and made_by == (fast_path or ""))
+        z = _load_shard(path)
+        rows = z["row"]
+        made_by = str(z["fast_path"]) if "fast_path" in z else ""
+        return (len(rows) == _shard_len(shard, shard_size, total) and int(rows[0]) == shard * shard_size
+                and z["embedding"].shape[0] == len(rows) and made_by == (fast_path or ""))
     except Exception:  # truncated or corrupt: encode it again
         return False
 
 
-def _write_shard(path: Path, rows_to_emb: dict[int, np.ndarray], fast_path: str | None = None) -> None:
+def _write_shard(path: str, rows_to_emb: dict[int, np.ndarray], fast_path: str | None = None) -> None:
     rows = np.array(sorted(rows_to_emb), dtype=np.int64)
     emb = np.stack([rows_to_emb[r] for r in rows]).astype(np.float32)
     extra = {"fast_path": np.array(fast_path)} if fast_path else {}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    with open(tmp, "wb") as f:
-        np.savez(f, row=rows, embedding=emb, **extra)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.savez(buf, row=rows, embedding=emb, **extra)
+    storage.write_bytes(path, buf.getvalue())  # atomic (temp + rename locally, one PUT remotely)

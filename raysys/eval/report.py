@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -20,6 +19,8 @@ from typing import Callable
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from raysys import storage
 
 SETTINGS = ("monolingual", "cross_lingual", "multilingual")
 SHORT = {"monolingual": "Mono", "cross_lingual": "Cross", "multilingual": "Multi"}
@@ -274,13 +275,8 @@ def _to_json(obj) -> str:
 
 
 def atomic_write(path: Path, data: str | bytes) -> Path:
-    """Write to a temporary sibling then rename, so readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Readers never see a partial file (raysys.storage: temp sibling, fsync, rename)."""
+    storage.write_bytes(path, data)
     return path
 
 

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from raysys import storage
+from raysys.artifacts import distribute_model
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.prepare import DATASETS, resolve_dataset
@@ -64,6 +66,9 @@ def _cache_key(*parts: str) -> str:
 
 def _model_fingerprint(model_path: str) -> str:
     """Identity of a local model directory: its weights' sizes and mtimes (cheap), else the name."""
+    if storage.is_remote(model_path):  # a stored model: its URI and its weights' sizes
+        sizes = sorted((k, v) for k, v in storage.list_files(model_path).items() if k.endswith((".safetensors", ".bin")))
+        return model_path + "|" + "|".join(f"{k}:{v}" for k, v in sizes)
     p = Path(model_path)
     if not p.is_dir():
         return model_path
@@ -92,8 +97,21 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
 
 
 def _encoder_threads(e) -> int:
-    """Split the machine's cores between the encoder actors (oversubscription is the big risk)."""
-    return max(1, (os.cpu_count() or 1) // max(1, e.num_encoders))
+    """CPUs (= torch threads) per encoder actor: the CPU nodes' cores split between the actors that
+    land on each (oversubscription is the big risk). Read from the cluster's nodes, not from the
+    driver's machine (on a cluster the driver sits on a head with no CPUs for work)."""
+    import ray
+
+    from raysys.runtime import ensure_ray, is_multi_node
+
+    ensure_ray()
+    cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    if not cpus:
+        return 1
+    if not is_multi_node():  # local Ray may declare more logical CPUs than the machine has cores
+        cpus = [min(cpus[0], os.cpu_count() or 1)]
+    per_node = -(-max(1, e.num_encoders) // len(cpus))
+    return max(1, int(min(cpus)) // per_node)
 
 
 def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
@@ -133,10 +151,16 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
 def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os.PathLike,
              progress: bool = True) -> dict[str, dict]:
     """{dataset: result} for a model (name, hub id, HF directory, or training checkpoint)."""
+    from raysys.eval.preflight import check_evaluation
     from raysys.model.encoder import check_model
 
-    model_path = resolve_model_path(_model_dir_of(model))
+    check_evaluation(datasets, config)  # every dataset (and the fast path), before any encoding
+    model = _model_dir_of(model)
+    model_path = resolve_model_path(model)  # on this node: a storage URI is downloaded into the cache
     check_model(model_path)  # a bad model fails here, not inside the encoder actors
+    # What the encoder actors load: a URI every node can resolve (a remote model as given, a local
+    # directory published to storage on a multi-node cluster), or the local path on one node.
+    model_path = model if storage.is_remote(model) else distribute_model(model_path, config)
     work = Path(work_dir)
     results = {}
     for name in datasets:
@@ -151,5 +175,7 @@ def _model_dir_of(model: str) -> str:
     """A training checkpoint directory holds its exported model in `hf_model/`."""
     from raysys.train.checkpoint import EXPORT_DIR
 
+    if storage.is_remote(model):
+        return storage.join(model, EXPORT_DIR) if storage.is_dir(storage.join(model, EXPORT_DIR)) else model
     p = Path(model)
     return str(p / EXPORT_DIR) if (p / EXPORT_DIR).is_dir() else model

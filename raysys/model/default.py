@@ -68,9 +68,15 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """'default' -> the built default model; a local directory -> itself; else a hub id, unchanged."""
+    """'default' -> the built default model; a storage URI (s3://.../hf_model, a published model)
+    -> its copy in this node's cache; a local directory -> itself; else a hub id, unchanged."""
+    from raysys import storage
+    from raysys.artifacts import materialize
+
     if name_or_path == DEFAULT_MODEL:
         return str(build_default_model())
+    if storage.is_remote(name_or_path):
+        return str(materialize(name_or_path))
     local = Path(name_or_path).expanduser()
     return str(local) if local.is_dir() else name_or_path
 

@@ -10,15 +10,16 @@ missing or truncated), is incomplete: resuming skips it for the newest complete 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 import ray.train
+from raysys import storage
 from raysys.errors import RaysysError
 
 STATE_FILE = "raysys_state.json"
@@ -53,10 +54,13 @@ def write_manifest(ckpt_dir: Path, rank: int) -> None:
     write_json_atomic(ckpt_dir / f"manifest-rank{rank}.json", files)
 
 
-def verify_checkpoint(ckpt_dir: Path) -> dict:
-    """The state, once every rank's manifest is there and every listed file has its size."""
+def verify_checkpoint(ckpt_dir: str | os.PathLike) -> dict:
+    """The state, once every rank's manifest is there and every listed file has its size.
+    `ckpt_dir` is a local path or a storage URI (s3://...)."""
+    ckpt_dir = str(ckpt_dir)
     state = read_state(ckpt_dir)
-    manifests = sorted(Path(ckpt_dir).glob(MANIFEST_GLOB))
+    present = storage.list_files(ckpt_dir)
+    manifests = sorted(name for name in present if "/" not in name and fnmatch(name, MANIFEST_GLOB))
     expected = state.get("world_size", len(manifests))
     hint = "resume from the run directory to use the newest complete checkpoint"
     if len(manifests) < expected:
@@ -64,31 +68,39 @@ def verify_checkpoint(ckpt_dir: Path) -> dict:
                           f"incomplete ({hint})")
     for manifest in manifests:
         try:
-            files = json.loads(manifest.read_text(encoding="utf-8"))
+            files = storage.read_json(storage.join(ckpt_dir, manifest))
         except (OSError, ValueError) as exc:
-            raise RaysysError(f"{manifest}: unreadable ({exc}); the checkpoint is incomplete ({hint})") from None
+            raise RaysysError(f"{storage.join(ckpt_dir, manifest)}: unreadable ({exc}); the checkpoint is "
+                              f"incomplete ({hint})") from None
         for name, size in files.items():
-            path = Path(ckpt_dir) / name
-            actual = path.stat().st_size if path.is_file() else None
+            actual = present.get(name)
             if actual != size:
                 found = "missing" if actual is None else f"{actual} bytes, {size} written"
-                raise RaysysError(f"{path}: {found}; the checkpoint is corrupted ({hint})")
+                raise RaysysError(f"{storage.join(ckpt_dir, name)}: {found}; the checkpoint is corrupted ({hint})")
     return state
+
+
+def checkpoint_uri(checkpoint: ray.train.Checkpoint) -> str:
+    """Ray Train hands back paths without their scheme (bucket/run/checkpoint_x): the full URI."""
+    return storage.to_uri(checkpoint.filesystem, checkpoint.path)
 
 
 def usable_checkpoint(checkpoint: ray.train.Checkpoint) -> ray.train.Checkpoint:
     """Ray Train's latest checkpoint after a worker failure, or the newest complete one before
-    it in the same run directory when that one is corrupted."""
-    path = Path(checkpoint.path)
-    if not path.is_dir():  # remote storage: verified while loading
-        return checkpoint
+    it in the same run directory when that one is corrupted (local or remote storage)."""
+    uri = checkpoint_uri(checkpoint)
     try:
-        verify_checkpoint(path)
+        verify_checkpoint(uri)
         return checkpoint
     except RaysysError as exc:
-        fallback = latest_checkpoint_dir(path.parent)
+        fallback = latest_checkpoint_dir(uri.rstrip("/").rsplit("/", 1)[0])
         print(f"[raysys] {exc}; restoring {fallback} instead", flush=True)
-        return ray.train.Checkpoint.from_directory(str(fallback))
+        return checkpoint_at(fallback)
+
+
+def checkpoint_at(uri: str) -> ray.train.Checkpoint:
+    filesystem, path = storage.resolve(uri)
+    return ray.train.Checkpoint(path, filesystem=filesystem)
 
 
 def load_checkpoint(engine, checkpoint: ray.train.Checkpoint) -> dict:
@@ -126,36 +138,38 @@ def export_hf_model(engine, out_dir: Path, rank: int) -> None:
 
 
 def checkpoint_from_path(path: str | None) -> ray.train.Checkpoint | None:
-    """`resume_from`: a checkpoint directory, or a run directory (its newest complete checkpoint)."""
+    """`resume_from`: a checkpoint directory, or a run directory (its newest complete checkpoint),
+    as a local path or a storage URI."""
     if not path:
         return None
-    return ray.train.Checkpoint.from_directory(str(latest_checkpoint_dir(Path(path))))
+    return checkpoint_at(latest_checkpoint_dir(str(path)))
 
 
-def latest_checkpoint_dir(path: Path) -> Path:
-    if not path.exists():
+def latest_checkpoint_dir(path: str | os.PathLike) -> str:
+    path = str(path)
+    if not storage.exists(path):
         raise RaysysError(f"{path}: resume_from does not exist")
-    if (path / STATE_FILE).exists():
+    if storage.is_file(storage.join(path, STATE_FILE)):
         verify_checkpoint(path)  # a clear error if it is truncated or a shard is missing
         return path
     candidates = []
-    for child in path.glob("checkpoint_*"):
-        if not child.is_dir():
+    for child in storage.list_dirs(path):
+        if not child.startswith("checkpoint_"):
             continue
         try:
-            candidates.append((verify_checkpoint(child)["global_step"], child))
+            candidates.append((verify_checkpoint(storage.join(path, child))["global_step"], child))
         except RaysysError:  # an incomplete checkpoint (crash mid-write) is skipped, not fatal
             continue
     if not candidates:
         raise RaysysError(f"{path}: no complete raysys checkpoint found (expected {STATE_FILE} in it or "
                           "in a checkpoint_* subdirectory)")
-    return max(candidates)[1]
+    return storage.join(path, max(candidates)[1])
 
 
-def read_state(ckpt_dir: Path) -> dict:
-    path = Path(ckpt_dir) / STATE_FILE
+def read_state(ckpt_dir: str | os.PathLike) -> dict:
+    path = storage.join(ckpt_dir, STATE_FILE)
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
+        state = storage.read_json(path)
         int(state["global_step"])
         return state
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -164,10 +178,5 @@ def read_state(ckpt_dir: Path) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    """Temp file, fsync, rename: a crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Temp file, fsync, rename (raysys.storage): a crash leaves the old file or the new one."""
+    storage.write_json(path, obj)

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import ray.data
+from ray.data.expressions import col
 
 from raysys.config import Config
 from raysys.data.prepare import resolve_dataset
@@ -31,6 +32,8 @@ class DataFacts:
     total_ids: int
     has_hard_negatives: bool
     num_rows: int
+    # Per worker rank (ids are sharded by hash, see rows_for_rank): what each worker's batches draw from.
+    shards: list[dict] = field(default_factory=list)
 
 
 def is_lareqa_dir(path: str) -> bool:
@@ -74,7 +77,7 @@ def _hash_split(ds: ray.data.Dataset, validation_fraction: float, test_fraction:
     tagged = ds.map_batches(bucket, batch_format="pyarrow")
     out = {}
     for name in ("train", "validation"):
-        part = tagged.filter(expr=f"split == '{name}'").drop_columns(["split"])  # vectorised
+        part = tagged.filter(expr=col("split") == name).drop_columns(["split"])  # vectorised
         out[name] = part
     return out
 
@@ -95,9 +98,25 @@ def compute_facts(ds: ray.data.Dataset, config: Config, source: str = "train dat
     per_lang = Counter(lang for langs in langs_of.values() for lang in langs)
     facts = DataFacts(languages=sorted(per_lang), ids_per_language=dict(sorted(per_lang.items())),
                       multilingual_ids=sum(len(v) >= 2 for v in langs_of.values()), total_ids=len(langs_of),
-                      has_hard_negatives=negatives_missing == 0, num_rows=rows)
+                      has_hard_negatives=negatives_missing == 0, num_rows=rows,
+                      shards=shard_facts(langs_of, config.train.num_workers))
     check_batch_capacity(facts, config, source)
     return facts
+
+
+def shard_facts(langs_of: dict[str, set[str]], world_size: int) -> list[dict]:
+    """Per rank: parallel ids, ids in 2+ languages and ids per language (the worker's own counts)."""
+    from raysys.data.hybrid import shard_of
+
+    shards = [{"ids": 0, "multilingual_ids": 0, "ids_per_language": Counter()} for _ in range(world_size)]
+    for pid, langs in langs_of.items():
+        shard = shards[shard_of(pid, world_size)]
+        shard["ids"] += 1
+        shard["multilingual_ids"] += len(langs) >= 2
+        shard["ids_per_language"].update(langs)
+    for shard in shards:
+        shard["ids_per_language"] = dict(sorted(shard["ids_per_language"].items()))
+    return shards
 
 
 def check_batch_capacity(facts: DataFacts, config: Config, source: str | None = None) -> None:

@@ -1,13 +1,22 @@
-"""TrainConfig -> the DeepSpeed config dict (ZeRO stage, precision, AdamW, warmup + linear decay)."""
+"""TrainConfig -> the DeepSpeed config dict (ZeRO stage, precision, AdamW) and the LR schedule.
+
+The schedule is one pure function, `lr_factor`; DeepSpeed applies it through `ScheduledLR`, a torch
+scheduler handed to `deepspeed.initialize(lr_scheduler=lr_scheduler_factory(...))`. DeepSpeed's own
+WarmupDecayLR is not used: it rejects warmup_num_steps=0, forces at least 2 warmup steps, and its
+first two updates run at warmup_min_lr (0), so a 1-step run would not train at all.
+"""
 
 from __future__ import annotations
 
 import inspect
 import math
+from typing import Callable
 
 import torch
 
 from raysys.config import TrainConfig
+
+LR_DECAYS = ("linear", "constant")
 
 
 def resolve_precision(requested: str, use_gpu: bool) -> str:
@@ -29,7 +38,6 @@ def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: 
     if micro_batch * world_size != train.global_batch_size:
         raise ValueError("global_batch_size must be a multiple of the number of workers")
     precision = resolve_precision(train.precision, train.use_gpu)
-    warmup = min(total_steps - 1, math.ceil(train.warmup_ratio * total_steps)) if total_steps > 1 else 0
     adamw = {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
              # torch_adam: the stock torch AdamW; avoids DeepSpeed's JIT-compiled CPU Adam (minutes).
              "torch_adam": True}
@@ -42,11 +50,7 @@ def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: 
         "train_batch_size": micro_batch * world_size * train.gradient_accumulation_steps,
         "gradient_clipping": train.gradient_clipping,
         "optimizer": {"type": "AdamW", "params": adamw},
-        "scheduler": {
-            "type": "WarmupDecayLR",
-            "params": {"total_num_steps": max(total_steps, 1), "warmup_num_steps": warmup,
-                       "warmup_min_lr": 0.0, "warmup_max_lr": train.lr, "warmup_type": "linear"},
-        },
+        # No "scheduler": the LR schedule is passed as lr_scheduler=lr_scheduler_factory(...).
         "zero_optimization": {"stage": train.zero_stage},
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16"},
@@ -58,3 +62,77 @@ def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: 
         config["zero_optimization"].update({"stage3_param_persistence_threshold": 0,
                                             "stage3_gather_16bit_weights_on_model_save": True})
     return config
+
+
+# ---- the learning-rate schedule ------------------------------------------------------------------
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """Optimizer steps of linear warmup: ceil(ratio * total), capped so the peak LR is reached."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps={total_steps} must be at least 1")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio={warmup_ratio} must lie in [0, 1)")
+    # The epsilon keeps float products such as 0.07 * 100 = 7.000000000000001 from adding a step.
+    return min(total_steps - 1, math.ceil(warmup_ratio * total_steps - 1e-9))
+
+
+def lr_factor(step: int, *, total_steps: int, warmup_ratio: float, decay: str = "linear") -> float:
+    """The multiplier of train.lr for optimizer update `step` (0-based), total_steps >= 1.
+
+    Warmup W = warmup_steps(): updates 0..W-1 use (k+1)/(W+1), so none runs at LR 0; update W
+    uses the peak (W = 0: the first update already does). After it, "linear" decays as
+    (T-k)/(T-W), ending at 1/(T-W) on the last update (0 from step T on); "constant" stays at 1.
+    """
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    if decay not in LR_DECAYS:
+        raise ValueError(f"decay={decay!r} must be one of {LR_DECAYS}")
+    warmup = warmup_steps(total_steps, warmup_ratio)
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / (total_steps - warmup))
+
+
+def lr_at(train: TrainConfig, total_steps: int, step: int) -> float:
+    """The learning rate optimizer update `step` applies under `train`."""
+    return train.lr * lr_factor(step, total_steps=total_steps, warmup_ratio=train.warmup_ratio,
+                                decay=train.lr_decay)
+
+
+class ScheduledLR(torch.optim.lr_scheduler.LRScheduler):
+    """`lr_factor` as a torch scheduler; DeepSpeed steps it once per optimizer update.
+
+    Its checkpointed state is the position only (plain ints): a resumed run continues at the saved
+    step with this run's schedule, and load_state_dict writes that step's LR into the optimizer.
+    (Under ZeRO >= 1 DeepSpeed restores the optimizer after the scheduler, so the first resumed
+    update uses the saved LR: the same value unless train.lr or the step budget changed.)
+    """
+
+    def __init__(self, optimizer, *, total_steps: int, warmup_ratio: float, decay: str = "linear"):
+        lr_factor(0, total_steps=total_steps, warmup_ratio=warmup_ratio, decay=decay)  # fail here, not mid-run
+        self.total_steps, self.warmup_ratio, self.decay = total_steps, warmup_ratio, decay
+        super().__init__(optimizer)
+
+    def _factor(self) -> float:
+        return lr_factor(self.last_epoch, total_steps=self.total_steps, warmup_ratio=self.warmup_ratio,
+                         decay=self.decay)
+
+    def get_lr(self) -> list[float]:
+        return [base * self._factor() for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last_epoch, self._step_count = state_dict["last_epoch"], state_dict["_step_count"]
+        self._last_lr = [base * self._factor() for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
+
+
+def lr_scheduler_factory(train: TrainConfig, total_steps: int) -> Callable:
+    """For deepspeed.initialize(lr_scheduler=...): DeepSpeed calls it with its torch optimizer."""
+    return lambda optimizer: ScheduledLR(optimizer, total_steps=total_steps, warmup_ratio=train.warmup_ratio,
+                                         decay=train.lr_decay)

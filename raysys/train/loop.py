@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
 import time
 from collections import Counter
 
@@ -25,7 +24,7 @@ from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_pat
                                      usable_checkpoint)
 from raysys.train.collectives import all_reduce_min, mean_over_ranks
 from raysys.train.datasets import rows_for_rank
-from raysys.train.deepspeed_config import build_deepspeed_config
+from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
 from raysys.train.loss import info_nce_loss
 from raysys.train.metrics_logger import MetricsLogger
 from raysys.train.validation import validation_batches, validation_loss, validation_retrieval
@@ -73,7 +72,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = BiEncoder.from_pretrained(model_path, encoder_settings(config))
     ds_config = build_deepspeed_config(t, total_steps=total_steps, world_size=world)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
-                                           model_parameters=[p for p in model.parameters() if p.requires_grad])
+                                           model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                           lr_scheduler=lr_scheduler_factory(t, total_steps))
     if world == 1 and t.zero_stage == 0:
         # One worker has nothing to all-reduce; DeepSpeed would still flatten and copy back every
         # gradient each step (ZeRO >= 1 needs that hook for its partition bookkeeping).
@@ -90,7 +90,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         global_step, history = state["global_step"], state["history"]
         restores = state.get("restores", 0) + 1
     kinds = Counter(history["kinds"])
-    logger = MetricsLogger(config, rank, ctx.get_experiment_name())
+    logger = MetricsLogger(config, rank, ctx.get_experiment_name(), loop_config.get("storage_root"))
 
     # ---- steps --------------------------------------------------------------------------------
     pairs_done, window_start = 0, time.perf_counter()
@@ -114,6 +114,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             loss, accuracy = info_nce_loss(q_emb, p_emb, n_emb, temperature=t.temperature,
                                            symmetric=t.symmetric_loss)
             engine.backward(loss)
+            lr = engine.get_lr()[0]  # what this update applies; step() advances the scheduler past it
             engine.step()  # DeepSpeed steps the optimizer only at an accumulation boundary
             micro_step += 1
             pairs_done += len(batch.queries) * world
@@ -126,8 +127,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             global_step += 1
             metrics = {"step": global_step, "epoch": epoch, "loss": float(np.mean(history["loss"][-accumulation:])),
-                       "train_accuracy": accuracy.item(), "lr": engine.get_lr()[0],
-                       "mono_steps": kinds[MONO], "cross_steps": kinds[CROSS]}
+                       "train_accuracy": accuracy.item(), "lr": lr,
+                       "mono_steps": kinds[MONO], "cross_steps": kinds[CROSS],
+                       "total_steps": total_steps}  # for the driver's progress display
             last = global_step >= total_steps
             checkpointing = global_step % t.checkpoint_every == 0 or last
             # Checkpoints are ranked by a validation loss of their own step, so validate there too.
@@ -145,20 +147,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 state = {"global_step": global_step, "world_size": world, "val_loss": metrics["val_loss"],
                          "seed": config.seed,
                          "config": config.to_dict(), "metrics": metrics, "history": history, "restores": restores}
+                logger.sync()
                 save_and_report(engine, state, metrics, export=last)
             elif global_step % t.log_every == 0:
                 ray.train.report(metrics)
-            if loop_config.get("crash_after_step") == global_step and rank == 1:
-                inject_crash_once(config.output_dir)
     logger.close()
-
-
-def inject_crash_once(output_dir: str) -> None:
-    """Fault injection for reliability tests: SIGKILL this worker, once per output directory."""
-    marker = os.path.join(output_dir, ".raysys-fault-injected")
-    if not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def encoder_settings(config: Config) -> EncoderSettings:

@@ -18,9 +18,11 @@ def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0, keeping the autograd graph (identity when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather
+    # The functional collective's backward is a sum reduce-scatter, like the deprecated
+    # torch.distributed.nn.functional.all_gather it replaces.
+    from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(t.contiguous()), dim=0)
+    return all_gather_single(t.contiguous(), 0, dist.group.WORLD)
 
 
 def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives: torch.Tensor | None = None,

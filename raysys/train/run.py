@@ -4,21 +4,25 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from raysys import storage
+from raysys.artifacts import distribute_model, storage_root
 from raysys.config import Config
+from raysys.console import ingest_options, train_logging_config
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import check_model
 from raysys.runtime import ensure_ray
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
-from raysys.train.checkpoint import EXPORT_DIR, STATE_FILE
+from raysys.train.checkpoint import EXPORT_DIR, checkpoint_uri
 from raysys.train.host_memory import worker_env_vars
 from raysys.train.loop import train_loop_per_worker
+from raysys.train.preflight import preflight
 
 
 @dataclass
@@ -37,31 +41,47 @@ def run_name(config: Config) -> str:
 
 
 def storage_dir(config: Config) -> str:
-    """Where Ray Train writes run directories: train.storage_path (s3://, NFS) or <output_dir>/ray."""
-    return config.train.storage_path or str(Path(config.output_dir, "ray").resolve())
+    """Where Ray Train writes run directories: train.storage_path (s3://, gs://, NFS) or <output_dir>/ray."""
+    return storage_root(config)
 
 
-def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrainer:
+def ray_storage(uri: str) -> dict:
+    """RunConfig arguments for a storage URI: a remote one goes through raysys.storage's filesystem
+    (so AWS_ENDPOINT_URL and friends apply to Ray Train exactly as to everything else)."""
+    if not storage.is_remote(uri):
+        return {"storage_path": uri}
+    filesystem, path = storage.resolve(uri)
+    return {"storage_path": path, "storage_filesystem": filesystem}
+
+
+def build_trainer(config: Config, *, callbacks: list | None = None,
+                  train_loop: Callable[[dict], None] = train_loop_per_worker) -> TorchTrainer:
+    """The TorchTrainer for `config`; `train_loop` is the per-worker function (tests wrap it)."""
     t = config.train
+    root = storage_dir(config)
+    if storage.is_remote(root):
+        storage.check_writable(root, "train.storage_path")  # unreachable / no credentials: one line, now
     datasets = load_split_datasets(config)
     facts = facts_to_dict(compute_facts(datasets["train"], config, source=config.data.train))
     facts["splits"] = sorted(datasets)
     model_path = resolve_model_path(config.model.name_or_path)  # build the default model once, here
     check_model(model_path)  # a bad model path fails in the driver with one line
-    storage = storage_dir(config)
+    preflight(config, facts, model_path)  # config values the workers would fail on: one line, here
+    # A URI every node can load on a multi-node cluster (a stored model as given); else the local path.
+    name = config.model.name_or_path
+    model_ref = name if storage.is_remote(name) else distribute_model(model_path, config)
     resources = {"CPU": t.cpus_per_worker}
     if t.use_gpu:
         resources["GPU"] = 1
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": str(model_path),
-                           "resume_from": t.resume_from,
-                           # Fault injection for reliability tests: SIGKILL rank 1 once after this step.
-                           "crash_after_step": int(os.environ.get("RAYSYS_FAULT_CRASH_AFTER_STEP", 0))},
+        train_loop,
+        train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": model_ref,
+                           "resume_from": t.resume_from, "storage_root": root},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=run_name(config), storage_path=storage, callbacks=callbacks,
+            name=run_name(config), callbacks=callbacks, **ray_storage(root),
+            logging_config=train_logging_config(),  # Ray Train's INFO lines only with --verbose
             worker_runtime_env={"env_vars": worker_env_vars(t)},  # merged into the job's runtime_env
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
                                                checkpoint_score_order="min"),
@@ -69,19 +89,17 @@ def build_trainer(config: Config, *, callbacks: list | None = None) -> TorchTrai
         datasets=datasets,
         # Every worker streams the whole dataset and keeps the parallel ids that hash to it
         # (see raysys.train.datasets.rows_for_rank): deterministic, language versions together.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[]),
+        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
 
 
-def train(config: Config, *, callbacks: list | None = None) -> TrainOutcome:
+def train(config: Config, *, callbacks: list | None = None,
+          train_loop: Callable[[dict], None] = train_loop_per_worker) -> TrainOutcome:
     ensure_ray()  # Ray Data needs Ray even for local files; data errors still come first (driver side)
-    result = build_trainer(config, callbacks=callbacks).fit()
+    result = build_trainer(config, callbacks=callbacks, train_loop=train_loop).fit()
     if result.error:
         raise result.error
-    checkpoint_path = result.checkpoint.path
-    return TrainOutcome(checkpoint_path=checkpoint_path, model_path=str(Path(checkpoint_path) / EXPORT_DIR),
-                        metrics=dict(result.metrics or {}), run_path=result.path)
-
-
-def find_state(checkpoint_dir: str | os.PathLike) -> Path:
-    return Path(checkpoint_dir) / STATE_FILE
+    checkpoint = checkpoint_uri(result.checkpoint)  # with its scheme: s3://bucket/run/checkpoint_x
+    return TrainOutcome(checkpoint_path=checkpoint, model_path=storage.join(checkpoint, EXPORT_DIR),
+                        metrics=dict(result.metrics or {}),
+                        run_path=storage.to_uri(getattr(result, "filesystem", None), result.path))

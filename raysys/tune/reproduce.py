@@ -12,10 +12,12 @@ config (its final checkpoint and exported model), so only the missing runs are t
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
 
+from raysys import storage
 from raysys.config import Config
 from raysys.errors import ConfigError, RaysysError
 from raysys.eval.lareqa import paired_bootstrap_settings
@@ -24,7 +26,9 @@ from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
 from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
 from raysys.runtime import ensure_ray
-from raysys.train.run import storage_dir, train
+from raysys.summary import headline_table, print_summary
+from raysys.train.progress import train_with_progress as train  # train() with the driver's progress display
+from raysys.train.run import storage_dir
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"
@@ -37,6 +41,7 @@ NOT_LEARNED = ("storage_path", "resume_from", "logger", "log_every", "max_failur
 def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None = None,
               arms: dict[str, float] | None = None, reuse_finished: bool = True) -> dict:
     arms = arms or ARMS
+    started = time.perf_counter()
     datasets = eval_datasets or config.eval.datasets
     not_lareqa = [d for d in datasets if str(d).startswith("miracl:")]
     if not_lareqa:
@@ -78,7 +83,12 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                 for label, run in runs.items() if "models" in run}
     paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap,
                              appendix_md=seed_spread_markdown(per_seed), extra_json={"per_seed": per_seed})
-    print(paths["comparison.md"].read_text(), flush=True)
+    print_summary("reproduce", time.perf_counter() - started,
+                  [f"{label}: seed(s) {', '.join(map(str, seeds))}" for label in arms]
+                  + [f"each model and the untrained one evaluated on {', '.join(map(str, datasets))}"],
+                  {"comparison": f"{paths['comparison.md']} (95 % bootstrap CIs, spread over seeds)",
+                   "per seed": f"{paths['comparison.json']} (model paths too)"},
+                  headline_table(summaries))
     return {"summaries": summaries, "bootstrap": bootstrap, "paths": paths}
 
 
@@ -106,20 +116,23 @@ def learned_settings(config_dict: dict) -> dict:
 
 def finished_run_model(config: Config) -> str | None:
     """The exported model of the newest run named like this one that reached train.max_steps with
-    the same learned settings, or None. Local storage only (a remote run is simply retrained)."""
-    storage = storage_dir(config)
-    if "://" in storage or not Path(storage).is_dir():
-        return None
+    the same learned settings, or None. Any storage (local, NFS, s3://): run names end in their
+    start time, so the newest sorts last."""
+    root = storage_dir(config)
     wanted = learned_settings(config.to_dict())
-    for run_dir in sorted(Path(storage).glob(f"{config.name}-*"), key=lambda p: p.stat().st_mtime, reverse=True):
-        for ckpt in sorted(run_dir.glob("checkpoint_*"), reverse=True):
+    runs = [d for d in storage.list_dirs(root) if d.startswith(f"{config.name}-")]
+    for run_dir in sorted(runs, reverse=True):
+        checkpoints = [c for c in storage.list_dirs(storage.join(root, run_dir)) if c.startswith("checkpoint_")]
+        for ckpt in sorted(checkpoints, reverse=True):
+            uri = storage.join(root, run_dir, ckpt)
             try:
-                state = verify_checkpoint(ckpt)
+                state = verify_checkpoint(uri)
             except RaysysError:  # incomplete (interrupted mid-write): not a finished run
                 continue
-            if (state["global_step"] == config.train.max_steps and (ckpt / EXPORT_DIR / "config.json").is_file()
+            model = storage.join(uri, EXPORT_DIR)
+            if (state["global_step"] == config.train.max_steps and storage.is_file(storage.join(model, "config.json"))
                     and learned_settings(state["config"]) == wanted):
-                return str(ckpt / EXPORT_DIR)
+                return model
     return None
 
 

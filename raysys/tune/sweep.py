@@ -84,6 +84,20 @@ def absolute_paths(config: Config) -> Config:
     return Config.from_dict(raw)
 
 
+def distribute_inputs(config: Config) -> Config:
+    """Trials run on any node: resolve the model and the training data here, once, and give the
+    trials URIs that every node can load (on one node this changes nothing)."""
+    from raysys.artifacts import distribute_dataset, distribute_model
+    from raysys.data.prepare import resolve_dataset
+    from raysys.model.default import resolve_model_path
+
+    raw = config.to_dict()
+    raw["model"]["name_or_path"] = distribute_model(resolve_model_path(config.model.name_or_path), config)
+    raw["data"]["train"] = str(distribute_dataset(str(resolve_dataset(config.data.train, config.data.source_dir)),
+                                                  config))
+    return Config.from_dict(raw)
+
+
 @dataclass
 class SweepOutcome:
     rows: list[dict]
@@ -99,7 +113,7 @@ def run_sweep(config: Config) -> SweepOutcome:
     if s.mode not in ("min", "max"):
         raise ConfigError(f"tune.mode={s.mode!r}: must be min or max")
     ensure_ray()
-    config = absolute_paths(config)
+    config = distribute_inputs(absolute_paths(config))
     storage = storage_dir(config)
     horizon = t.max_steps or 10**9
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="step", max_t=horizon, grace_period=t.eval_every,

@@ -70,7 +70,12 @@ def test_cli_eval_compares_two_models(ray_local, tmp_path, tiny_model_dir, capsy
         assert 0 <= metrics[miracl]["summary"]["ndcg@10"] <= 1
         assert "recall@100" in (out / label / "summary.md").read_text()
         assert list((out / label).glob("heatmap_*.png"))
-    assert "Run comparison" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the closing summary: both runs' headline rows and the comparison's path
+    lines = printed.splitlines()
+    assert any(line.startswith("[eval] done in") for line in lines)
+    assert any(line.startswith("comparison:") and line.endswith(f" {out / 'comparison' / 'comparison.md'}")
+               for line in lines)
+    assert f"| first | {lareqa} |" in printed and f"| second | {miracl} |" in printed
 
 
 def test_auto_split_holds_out_only_the_training_dataset(tmp_path, xquad_r_dir):

@@ -37,7 +37,8 @@ def test_training_lowers_loss_and_exports_a_loadable_model(ray_local, tmp_path, 
     config = tiny_config(tmp_path, tiny_model_dir, "lowers", max_steps=30, checkpoint_every=15, eval_every=15,
                          logger="tensorboard")
     outcome = train(config)
-    assert list((tmp_path / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    run_dir = Path(outcome.run_path)
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*")), "no TensorBoard event file in the run"
     ckpt = Path(outcome.checkpoint_path)
     losses = state_of(ckpt)["history"]["loss"]
     assert len(losses) == 30
