@@ -65,7 +65,10 @@ def resolve_dataset(name_or_path: str | Path, source_dir: str | Path | None = No
         from raysys import storage
         from raysys.artifacts import MANIFEST, materialize
 
-        if storage.is_remote(name_or_path) and storage.is_file(storage.join(str(name_or_path), MANIFEST)):
+        # Only raysys's own published directories (<storage>/published/data/...): a user's data URI is
+        # read by Ray Data as it is, without a storage round trip here.
+        if (storage.is_remote(name_or_path) and "/published/data/" in str(name_or_path)
+                and storage.is_file(storage.join(str(name_or_path), MANIFEST))):
             return materialize(str(name_or_path))
         return name_or_path
     name = str(name_or_path)
