@@ -49,10 +49,10 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
         raise DataError("no input files given", hint="set data.train to a file, a directory of files or a URI")
     pinned: list[str] = []
     if sum(p.stat().st_size for p in local) > DRIVER_READ_MAX_BYTES:
-        if _every_node_sees(local):  # a shared filesystem: read tasks may run anywhere
+        if _every_node_sees(local):  # one node, or a shared filesystem: read tasks may run anywhere
             remote += [str(p.resolve()) for p in local]
-        else:  # local:// runs the read tasks on this node, where the files are
-            pinned = [f"local://{p.resolve()}" for p in local]
+        else:  # the read tasks are pinned to this node, where the files are
+            pinned = [str(p.resolve()) for p in local]
         local = []
     datasets = []
     if local:  # validated here, on the driver: a bad line fails before any cluster work
@@ -61,8 +61,9 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
         datasets.append(_read_with_ray(remote))
     if pinned:
         # The driver's node may have no CPUs for work (the head of the shipped cluster configs):
-        # reading takes none; validation then runs on any node.
-        datasets.append(_read_with_ray(pinned, read_cpus=0))
+        # reading takes none; validation then runs on any node. (Node affinity, not Ray Data's
+        # deprecated `local://` scheme, which does the same.)
+        datasets.append(_read_with_ray(pinned, on_this_node=True))
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
@@ -73,16 +74,20 @@ def _every_node_sees(paths: list[Path]) -> bool:
 
     ensure_ray()
     if not is_multi_node():
-        return False  # local:// on the only node: as before
+        return True
     return not nodes_not_seeing({str(p.resolve()): p.stat().st_size for p in paths})[0]
 
 
-def _read_with_ray(uris: list[str], read_cpus: float | None = None) -> ray.data.Dataset:
+def _read_with_ray(uris: list[str], on_this_node: bool = False) -> ray.data.Dataset:
     """Remote files through Ray Data: one whole file per row, validated in the map tasks."""
+    import ray
     import ray.data
 
     extensions = [s.lstrip(".") for s in JSONL_SUFFIXES + PARQUET_SUFFIXES]
-    files = ray.data.read_binary_files(uris, include_paths=True, file_extensions=extensions, num_cpus=read_cpus)
+    pin = {}
+    if on_this_node:  # every Ray node carries its id as the label ray.io/node-id
+        pin = {"num_cpus": 0, "label_selector": {"ray.io/node-id": ray.get_runtime_context().get_node_id()}}
+    files = ray.data.read_binary_files(uris, include_paths=True, file_extensions=extensions, **pin)
     pairs = files.map_batches(_validate_file_batch, batch_format="pyarrow", batch_size=1)
     # Per-dataset setting (inherited by derived datasets): the caller gets the DataError itself,
     # with file/row/field, instead of Ray Data's generic UserCodeException wrapper.

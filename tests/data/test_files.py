@@ -69,11 +69,14 @@ def test_ray_task_path_validates_and_raises_data_error(ray_local, tmp_path):
     assert not ray.data.DataContext.get_current().raise_original_map_exception  # only that dataset
 
 
-def test_large_local_inputs_stream_through_ray_tasks(ray_local, tmp_path, monkeypatch):
-    """Local inputs over the driver limit are read and validated inside Ray Data tasks."""
+@pytest.mark.parametrize("shared", [True, False], ids=["every-node-sees-them", "pinned-to-this-node"])
+def test_large_local_inputs_stream_through_ray_tasks(ray_local, tmp_path, monkeypatch, shared):
+    """Local inputs over the driver limit are read and validated inside Ray Data tasks: anywhere
+    when every node sees the files, else in read tasks pinned to the driver's node."""
     from raysys.data import files
 
     monkeypatch.setattr(files, "DRIVER_READ_MAX_BYTES", 0)
+    monkeypatch.setattr(files, "_every_node_sees", lambda paths: shared)
     monkeypatch.setattr(files, "validate_pairs_file", None)  # the driver path must not run
     good = _jsonl(tmp_path / "good.jsonl", ROWS)
     rows = read_pairs(good).take_all()

@@ -61,7 +61,15 @@ def test_bf16_is_refused_on_a_cpu_without_bf16_instructions(tmp_path, monkeypatc
             preflight.check_fast_path_hardware(config)
     preflight.check_fast_path_hardware(config_for(tmp_path, "eval.fast_path=int8"))  # never refused
     # Joining a cluster: the encoders run on other machines' CPUs, which check (and warn) themselves.
+    # (An earlier test may have left a local Ray running in this process; joining means it is not.)
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    preflight.check_fast_path_hardware(config)
+    # Already attached to a multi-node cluster: likewise not refused.
+    monkeypatch.delenv("RAY_ADDRESS")
+    monkeypatch.setattr("raysys.runtime.is_multi_node", lambda: True)
     preflight.check_fast_path_hardware(config)
 
 
