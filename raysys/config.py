@@ -65,6 +65,10 @@ class TrainConfig:
     symmetric_loss: bool = False
     use_hard_negatives: bool = True
     gradient_accumulation_steps: int = 1
+    # Gradient caching (sentence-transformers' CachedMultipleNegativesRankingLoss, GradCache): each
+    # worker embeds its share of a batch this many pairs at a time, so a batch of thousands of
+    # in-batch negatives needs the activation memory of one mini-batch. None: one forward per batch.
+    mini_batch_size: int | None = None
     gradient_clipping: float = 1.0
     # torch's fused AdamW kernel (CPU and CUDA): no per-parameter temporaries, ~5x faster optimizer
     # step on the default model on CPU (bench/results/optimizer_step.json); false: torch's default.
@@ -194,6 +198,9 @@ class Config:
         if t.max_steps is not None and t.max_steps < 1:
             raise fail("train.max_steps", f"{t.max_steps} is below 1",
                        "use a positive integer, or null for full epochs")
+        if t.mini_batch_size is not None and t.mini_batch_size < 1:
+            raise fail("train.mini_batch_size", f"{t.mini_batch_size} is below 1",
+                       "use a positive number of pairs, e.g. 32, or null for no gradient caching")
         if t.max_failures < 0:
             raise fail("train.max_failures", f"{t.max_failures} is negative", "use 0 or more")
         if not t.lr > 0:

@@ -71,7 +71,9 @@ class BiEncoder(nn.Module):
         return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        """fp32 embeddings whatever the backbone's precision: pooling and normalisation of bf16
+        hidden states would round every similarity that the loss divides by the temperature."""
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state.float()
         emb = pool(hidden, attention_mask, self.settings.pooling)
         return F.normalize(emb, p=2, dim=-1) if self.settings.normalize else emb
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 import ray.train
 from raysys import storage
 from raysys.errors import RaysysError
+from raysys.train.export import export_hf_model
 
 STATE_FILE = "raysys_state.json"
 DS_TAG = "ds"
@@ -119,22 +120,6 @@ def probe_embeddings(engine) -> list[list[float]]:
     embeddings = engine(batch["input_ids"], batch["attention_mask"]).float().cpu().tolist()
     engine.train()
     return embeddings
-
-
-def export_hf_model(engine, out_dir: Path, rank: int) -> None:
-    """Consolidated fp32 HF + sentence-transformers directory, also from ZeRO-3 partitions."""
-    module = engine.module
-    state = None
-    if engine.zero_optimization_stage() == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(module.backbone.parameters()), modifier_rank=None):
-            if rank == 0:
-                state = {k: v.detach().float().cpu().clone() for k, v in module.backbone.state_dict().items()}
-    elif rank == 0:
-        state = {k: v.detach().float().cpu() for k, v in module.backbone.state_dict().items()}
-    if rank == 0:
-        module.save(out_dir, state_dict=state)
 
 
 def checkpoint_from_path(path: str | None) -> ray.train.Checkpoint | None:

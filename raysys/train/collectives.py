@@ -37,6 +37,19 @@ def mean_over_ranks(value: float) -> float:
     return float(t.item()) / dist.get_world_size()
 
 
+def mean_over_ranks_each(values: list[torch.Tensor]) -> list[float]:
+    """Scalar device tensors (e.g. per-step losses) averaged over ranks: one collective and one
+    device-to-host copy for all of them."""
+    if not values:
+        return []
+    stacked = torch.stack([v.detach().double() for v in values])
+    if distributed():
+        stacked = stacked.to(_device())
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return stacked.cpu().tolist()
+
+
 def all_gather_objects(obj) -> list:
     if not distributed():
         return [obj]

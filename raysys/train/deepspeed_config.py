@@ -33,10 +33,21 @@ def fused_adamw_available() -> bool:
     return "fused" in inspect.signature(torch.optim.AdamW).parameters and hasattr(torch, "_fused_adamw_")
 
 
+def mini_batches_per_batch(train: TrainConfig, world_size: int) -> int:
+    """Backward passes per hybrid batch: 1, or one per mini-batch under gradient caching."""
+    local_batch = train.global_batch_size // world_size
+    return -(-local_batch // train.mini_batch_size) if train.mini_batch_size else 1
+
+
 def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: int) -> dict:
     micro_batch = train.global_batch_size // world_size
     if micro_batch * world_size != train.global_batch_size:
         raise ValueError("global_batch_size must be a multiple of the number of workers")
+    # Under gradient caching each mini-batch's backward is one DeepSpeed micro-step, so that ZeRO
+    # 0-3 reduce, clip and step exactly as they do for plain gradient accumulation.
+    backwards = mini_batches_per_batch(train, world_size)
+    if backwards > 1:
+        micro_batch = train.mini_batch_size
     precision = resolve_precision(train.precision, train.use_gpu)
     adamw = {"lr": train.lr, "weight_decay": train.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8,
              # torch_adam: the stock torch AdamW; avoids DeepSpeed's JIT-compiled CPU Adam (minutes).
@@ -46,8 +57,8 @@ def build_deepspeed_config(train: TrainConfig, *, total_steps: int, world_size: 
     config = {
         # Our micro batch is the whole local share of a hybrid batch; accumulation multiplies it.
         "train_micro_batch_size_per_gpu": micro_batch,
-        "gradient_accumulation_steps": train.gradient_accumulation_steps,
-        "train_batch_size": micro_batch * world_size * train.gradient_accumulation_steps,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps * backwards,
+        "train_batch_size": micro_batch * world_size * train.gradient_accumulation_steps * backwards,
         "gradient_clipping": train.gradient_clipping,
         "optimizer": {"type": "AdamW", "params": adamw},
         # No "scheduler": the LR schedule is passed as lr_scheduler=lr_scheduler_factory(...).

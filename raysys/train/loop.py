@@ -22,11 +22,11 @@ from raysys.errors import RaysysError
 from raysys.model.encoder import BiEncoder, EncoderSettings
 from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report,
                                      usable_checkpoint)
-from raysys.train.collectives import all_reduce_min, mean_over_ranks
+from raysys.train.collectives import all_reduce_min, mean_over_ranks_each
 from raysys.train.datasets import rows_for_rank
 from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
-from raysys.train.loss import info_nce_loss
 from raysys.train.metrics_logger import MetricsLogger
+from raysys.train.step import train_step
 from raysys.train.validation import validation_batches, validation_loss, validation_retrieval
 
 __all__ = ["train_loop_per_worker", "EXPORT_DIR", "STATE_FILE"]
@@ -94,51 +94,43 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     # ---- steps --------------------------------------------------------------------------------
     pairs_done, window_start = 0, time.perf_counter()
+    pending_losses: list = []  # this rank's losses since the last report, on the device
     micro_step = global_step * accumulation  # checkpoints are taken at optimizer-step boundaries
     for epoch in range(micro_step // max(steps_per_epoch, 1), t.epochs):
         start = micro_step - epoch * steps_per_epoch
         for _, batch in batcher.epoch(epoch, steps_per_epoch, start_step=start):
             if global_step >= total_steps:
                 break
-            engine.train()
+            lr = engine.get_lr()[0]  # what this batch's update applies (the scheduler moves at a boundary)
             # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
-            torch.manual_seed(config.seed * 1_000_003 + micro_step * 1_009 + rank)
-            q = engine.module.tokenize(batch.queries, "query", engine.device)
-            p = engine.module.tokenize(batch.passages, "passage", engine.device)
-            q_emb = engine(q["input_ids"], q["attention_mask"])
-            p_emb = engine(p["input_ids"], p["attention_mask"])
-            n_emb = None
-            if batch.hard_negatives is not None:
-                n = engine.module.tokenize(batch.hard_negatives, "passage", engine.device)
-                n_emb = engine(n["input_ids"], n["attention_mask"])
-            loss, accuracy = info_nce_loss(q_emb, p_emb, n_emb, temperature=t.temperature,
-                                           symmetric=t.symmetric_loss)
-            engine.backward(loss)
-            lr = engine.get_lr()[0]  # what this update applies; step() advances the scheduler past it
-            engine.step()  # DeepSpeed steps the optimizer only at an accumulation boundary
+            loss, accuracy = train_step(engine, batch, t, seed=config.seed * 1_000_003 + micro_step * 1_009 + rank)
             micro_step += 1
             pairs_done += len(batch.queries) * world
-
             kinds[batch.plan.kind] += 1
-            history["loss"].append(mean_over_ranks(loss.item()))  # per micro-step
+            pending_losses.append(loss)  # a device tensor: the host waits for the GPU only when reporting
             history["batch"].append(batch_digest(batch))
             history["kinds"].append(batch.plan.kind)
             if micro_step % accumulation:
                 continue
             global_step += 1
+            last = global_step >= total_steps
+            checkpointing = global_step % t.checkpoint_every == 0 or last
+            logging = global_step % t.log_every == 0 or last
+            if not (logging or checkpointing or global_step % t.eval_every == 0):
+                continue
+            history["loss"] += mean_over_ranks_each(pending_losses)  # per micro-step; one collective
+            pending_losses = []
             metrics = {"step": global_step, "epoch": epoch, "loss": float(np.mean(history["loss"][-accumulation:])),
                        "train_accuracy": accuracy.item(), "lr": lr,
                        "mono_steps": kinds[MONO], "cross_steps": kinds[CROSS],
                        "total_steps": total_steps}  # for the driver's progress display
-            last = global_step >= total_steps
-            checkpointing = global_step % t.checkpoint_every == 0 or last
             # Checkpoints are ranked by a validation loss of their own step, so validate there too.
             if global_step % t.eval_every == 0 or checkpointing:
                 if val_batches:
                     metrics.update(validation_loss(engine, val_batches, t.temperature))
                 if t.val_retrieval and val_rows is not None:
                     metrics.update(validation_retrieval(engine, val_rows))
-            if global_step % t.log_every == 0 or last:
+            if logging:
                 metrics["pairs_per_s"] = pairs_done / max(time.perf_counter() - window_start, 1e-9)
                 pairs_done, window_start = 0, time.perf_counter()
             logger.log(metrics, total_steps)
@@ -149,7 +141,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                          "config": config.to_dict(), "metrics": metrics, "history": history, "restores": restores}
                 logger.sync()
                 save_and_report(engine, state, metrics, export=last)
-            elif global_step % t.log_every == 0:
+            elif logging:
                 ray.train.report(metrics)
     logger.close()
 

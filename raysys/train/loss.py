@@ -33,6 +33,10 @@ def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives:
     Candidates: all workers' positives, then all workers' hard negatives (if any). Query i of
     rank r has its positive at column r * B + i.
     """
+    # fp32 similarities and cross-entropy whatever the embeddings' dtype (scores are divided by a
+    # temperature such as 0.05: bf16's 8 mantissa bits would round logits by up to ~0.3).
+    queries, passages = queries.float(), passages.float()
+    hard_negatives = hard_negatives.float() if hard_negatives is not None else None
     batch = queries.size(0)
     rank = dist.get_rank() if gather and dist.is_available() and dist.is_initialized() else 0
     all_passages = gather_with_grad(passages) if gather else passages

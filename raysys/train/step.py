@@ -1,0 +1,104 @@
+"""One hybrid batch through the DeepSpeed engine: forwards, InfoNCE, backward(s), step(s).
+
+Two ways to the same gradient:
+- `plain_step`: queries in one forward, candidates (positives and hard negatives together) in
+  another, one backward. Activation memory grows with the batch.
+- `cached_step` (`train.mini_batch_size`; sentence-transformers' CachedMultipleNegativesRankingLoss,
+  Tevatron's GradCache): embed the local batch mini-batch by mini-batch without a graph, compute
+  the loss over the gathered global batch and its gradient w.r.t. the embeddings once, then re-run
+  each mini-batch with a graph and back-propagate the cached embedding gradients. Activation
+  memory is one mini-batch's. Each mini-batch's backward is one DeepSpeed micro-step
+  (raysys.train.deepspeed_config.mini_batches_per_batch), so ZeRO 0-3 reduce, clip and update
+  exactly as for plain gradient accumulation: GradCache implementations that call backward
+  outside the engine do not work with DeepSpeed.
+
+Dropout is seeded per (batch, mini-batch): the graph pass replays the embedding pass's masks.
+Both return the loss and accuracy as device tensors; nothing here syncs with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from raysys.config import TrainConfig
+from raysys.train.loss import info_nce_loss
+
+
+def train_step(engine, batch, train: TrainConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and in-batch accuracy (detached device tensors) of this worker's share of `batch`;
+    the engine has run one backward and `engine.step()` per DeepSpeed micro-step."""
+    engine.train()
+    if train.mini_batch_size:
+        return cached_step(engine, batch, train, seed)
+    return plain_step(engine, batch, train, seed)
+
+
+def _tokenized(engine, batch, start: int = 0, stop: int | None = None):
+    """Queries, and candidates = passages then hard negatives (one forward: same prefix and
+    length limit), of the pairs [start, stop)."""
+    module, device = engine.module, engine.device
+    queries = module.tokenize(batch.queries[start:stop], "query", device)
+    texts = list(batch.passages[start:stop])
+    if batch.hard_negatives is not None:
+        texts += list(batch.hard_negatives[start:stop])
+    return queries, module.tokenize(texts, "passage", device)
+
+
+def _embed(engine, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    return (engine(queries["input_ids"], queries["attention_mask"]),
+            engine(candidates["input_ids"], candidates["attention_mask"]))
+
+
+def _loss(q_emb, c_emb, n_pairs: int, has_negatives: bool, train: TrainConfig):
+    passages, negatives = (c_emb[:n_pairs], c_emb[n_pairs:]) if has_negatives else (c_emb, None)
+    return info_nce_loss(q_emb, passages, negatives, temperature=train.temperature, symmetric=train.symmetric_loss)
+
+
+def plain_step(engine, batch, train: TrainConfig, seed: int):
+    torch.manual_seed(seed)
+    q_emb, c_emb = _embed(engine, *_tokenized(engine, batch))
+    loss, accuracy = _loss(q_emb, c_emb, len(batch.queries), batch.hard_negatives is not None, train)
+    engine.backward(loss)
+    engine.step()  # DeepSpeed updates only at an accumulation boundary
+    return loss.detach(), accuracy
+
+
+def mini_batch_bounds(pairs: int, mini_batch_size: int) -> list[tuple[int, int]]:
+    return [(start, min(start + mini_batch_size, pairs)) for start in range(0, pairs, mini_batch_size)]
+
+
+def cached_step(engine, batch, train: TrainConfig, seed: int):
+    pairs, has_negatives = len(batch.queries), batch.hard_negatives is not None
+    chunks = [_tokenized(engine, batch, start, stop) for start, stop in mini_batch_bounds(pairs, train.mini_batch_size)]
+    # 1. Embeddings without a graph, mini-batch by mini-batch.
+    q_parts, p_parts, n_parts = [], [], []
+    with torch.no_grad():
+        for index, (queries, candidates) in enumerate(chunks):
+            torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
+            q, c = _embed(engine, queries, candidates)
+            size = q.size(0)
+            q_parts.append(q)
+            p_parts.append(c[:size])
+            n_parts.append(c[size:])
+    # 2. The loss over the (gathered) global batch and its gradient w.r.t. this worker's embeddings;
+    #    the gather's backward hands each worker the gradient of every worker's queries on its candidates.
+    q_all = torch.cat(q_parts).requires_grad_()
+    p_all = torch.cat(p_parts).requires_grad_()
+    n_all = torch.cat(n_parts).requires_grad_() if has_negatives else None
+    loss, accuracy = info_nce_loss(q_all, p_all, n_all, temperature=train.temperature,
+                                   symmetric=train.symmetric_loss)
+    loss.backward()
+    # 3. Each mini-batch again, with a graph and the same dropout masks; its embeddings' cached
+    #    gradients flow into the parameters. DeepSpeed divides by its accumulation count, which
+    #    counts mini-batches, so each surrogate is scaled by the gradient-accumulation steps only.
+    scale = 1.0 / train.gradient_accumulation_steps
+    for index, ((queries, candidates), (start, stop)) in enumerate(zip(chunks, mini_batch_bounds(pairs, train.mini_batch_size))):
+        torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
+        q, c = _embed(engine, queries, candidates)
+        c_grad = p_all.grad[start:stop]
+        if has_negatives:
+            c_grad = torch.cat([c_grad, n_all.grad[start:stop]])
+        surrogate = (q * q_all.grad[start:stop]).sum() + (c * c_grad).sum()
+        engine.backward(surrogate * scale, scale_wrt_gas=False)
+        engine.step()
+    return loss.detach(), accuracy
