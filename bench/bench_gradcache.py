@@ -6,8 +6,8 @@ own peak): W gloo ranks, the default model (multilingual-e5-small, fp32), DeepSp
 raysys's own config (AdamW, clipping 1.0), and `raysys.train.step.train_step` -- the function the
 training loop calls -- on synthetic text pairs whose token counts are the maximum lengths
 (64 query / 128 passage tokens: every pair costs the same). The first step is not timed (allocator and
-kernel warm-up) when a configuration runs two (batches up to 64; larger ones run one step). Arms: `plain` (one forward per side,
-activation memory grows with the batch) and `cached` (`train.mini_batch_size`, default 16).
+kernel warm-up) when a configuration runs two (batches up to 64; larger ones run one step).
+Arms: `plain` (one forward per side, activation memory grows with the batch) and `cached` (`train.mini_batch_size`, default 16).
 A plain configuration is skipped above --plain-max (its activations would not fit in memory).
 
 MFU: model FLOPs per pair = 6 x (non-embedding parameters x tokens + attention 2 x layers x
@@ -112,6 +112,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,2")
     parser.add_argument("--mini-batch-size", type=int, default=16)
     parser.add_argument("--plain-max", type=int, default=256)
+    parser.add_argument("--multi-worker-batches", default="16,256",
+                        help="the batch sizes run with more than one worker (each costs minutes on 2 cores)")
     parser.add_argument("--out", default="bench/results/gradcache.json")
     args = parser.parse_args()
     from raysys.model.default import resolve_model_path
@@ -122,7 +124,7 @@ def main() -> None:
     peak = fp32_peak_flops()
     results = []
     for world in map(int, args.workers.split(",")):
-        for global_batch in map(int, args.batches.split(",")):
+        for global_batch in map(int, (args.batches if world == 1 else args.multi_worker_batches).split(",")):
             for arm, mini in (("plain", None), ("cached", args.mini_batch_size)):
                 if arm == "plain" and global_batch > args.plain_max:
                     results.append({"workers": world, "global_batch": global_batch, "arm": arm,

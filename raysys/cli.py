@@ -1,4 +1,4 @@
-"""`raysys prepare|train|eval|tune|reproduce|demo`: thin commands over the library.
+"""`raysys prepare|train|eval|export|tune|reproduce|demo`: thin commands over the library.
 
 Every command takes `--config some.yaml` plus `section.key=value` overrides (also after a list
 option: `--datasets a b eval.split=test`). User errors (bad data, bad config) print one line and
@@ -97,6 +97,34 @@ def _label(spec: str) -> tuple[str, str]:
     return Path(spec).name or spec, spec
 
 
+def cmd_export(args) -> None:
+    """One interpolation weight: write that model. Several: evaluate each on the validation
+    articles, write the curve, and keep the best as `--out`."""
+    config = _config(args)
+    from raysys.eval.run import _model_dir_of
+    from raysys.model.interpolate import write_interpolated
+    from raysys.summary import print_summary
+
+    started = time.perf_counter()
+    tuned, base = _model_dir_of(args.model), args.base or config.model.name_or_path
+    weights = [float(w) for w in args.interpolate.split(",")]
+    out = args.out or str(Path(config.output_dir) / "export" / f"interpolated-{'-'.join(f'{w:g}' for w in weights)}")
+    if len(weights) == 1:
+        write_interpolated(base, tuned, weights[0], out)
+        print_summary("export", time.perf_counter() - started, [f"(1 - {weights[0]:g}) x {base} + {weights[0]:g} x {tuned}"],
+                      {"model": out})
+        return
+    from raysys.tune.interpolation import curve_table, interpolation_curve
+
+    curve = interpolation_curve(tuned, base, weights, config, Path(out).with_name(Path(out).name + "-curve"),
+                                datasets=args.datasets)
+    best = curve["best"]
+    write_interpolated(base, tuned, best["weight"], out)
+    print_summary("export", time.perf_counter() - started,
+                  [f"weights {', '.join(f'{w:g}' for w in weights)} on the validation articles; best w = {best['weight']:g}"],
+                  {"model": out, **{k: str(v) for k, v in curve["paths"].items()}}, curve_table(curve["rows"]))
+
+
 def cmd_tune(args) -> None:
     config = _config(args)
     from raysys.tune.sweep import run_sweep
@@ -141,6 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
                    help="dataset names or directories (miracl:<dir> for MIRACL)")
     p.add_argument("--out", help="report directory (default <output_dir>/eval)")
+    p = add("export", cmd_export, "interpolate a fine-tuned model with its base (w=1: fine-tuned)")
+    p.add_argument("--model", required=True, help="fine-tuned model directory or training checkpoint")
+    p.add_argument("--base", help="the model it was fine-tuned from (default: model.name_or_path)")
+    p.add_argument("--interpolate", required=True,
+                   help="weight w of the fine-tuned model, e.g. 0.5; a list 0,0.25,0.5,0.75,1 picks the best "
+                        "on the validation articles and reports the curve")
+    p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
+                   help="LAReQA datasets whose validation articles choose w (default: data.train)")
+    p.add_argument("--out", help="output model directory or storage URI")
     add("tune", cmd_tune, "Ray Tune sweep over alpha (and lr, temperature)")
     p = add("reproduce", cmd_reproduce, "alpha = 1 vs 0.5 vs 0 with several seeds, evaluated zero-shot")
     p.add_argument("--seeds", type=int_or_override, nargs="+", default=[0, 1, 2], action=ListThenOverrides)

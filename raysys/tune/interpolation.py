@@ -1,0 +1,78 @@
+"""Choose the interpolation weight between a fine-tuned model and its base on validation articles.
+
+For each weight w the interpolated encoder (raysys.model.interpolate) is written and evaluated on
+the validation articles of the training dataset (`eval.split=validation`, never the test
+articles); the weight with the best mean of mono, cross and multi mAP wins. The whole curve is
+reported (JSON, Markdown, a figure), not only its best point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from matplotlib.figure import Figure
+
+from raysys.config import Config
+from raysys.eval.report import atomic_write, save_figure
+from raysys.model.interpolate import write_interpolated
+from raysys.train.checkpoint import write_json_atomic
+
+SETTINGS = (("mono_map", "monolingual", "monolingual"), ("cross_map", "cross_lingual", "cross-lingual"),
+            ("multi_map", "multilingual", "multilingual"))
+
+
+def curve_row(weight: float, result: dict) -> dict:
+    s = result["summary"]
+    row = {"weight": weight, **{key: s[setting]["map"] for key, setting, _ in SETTINGS},
+           "rank_distance": s["multilingual"]["rank_distance"]}
+    row["mean_map"] = sum(row[key] for key, *_ in SETTINGS) / len(SETTINGS)
+    return row
+
+
+def interpolation_curve(tuned: str, base: str, weights: list[float], config: Config, out_dir: Path,
+                        datasets: list[str] | None = None) -> dict:
+    """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}."""
+    from raysys.eval.run import evaluate
+
+    validation = Config.from_dict(config.to_dict())
+    validation.eval = dataclasses.replace(validation.eval, split="validation")
+    datasets = datasets or [config.data.train]
+    rows = []
+    for weight in sorted(set(weights)):
+        model_dir = out_dir / f"weight-{weight:g}"
+        write_interpolated(base, tuned, weight, str(model_dir))
+        results = evaluate(str(model_dir), datasets, validation, out_dir / "work")
+        rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
+        print(f"[export] weight {weight:g}: mean validation mAP {rows[-1]['mean_map']:.4f}", flush=True)
+    best = max(rows, key=lambda r: (r["mean_map"], r["weight"]))
+    return {"rows": rows, "best": best, "paths": write_curve(rows, best, out_dir, tuned, base, datasets[0])}
+
+
+def curve_table(rows: list[dict]) -> str:
+    lines = ["| w | mono mAP | cross mAP | multi mAP | mean mAP | rank dist. |", "|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['weight']:g} | {r['mono_map']:.4f} | {r['cross_map']:.4f} | {r['multi_map']:.4f} | "
+              f"{r['mean_map']:.4f} | {r['rank_distance']:.1f} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_curve(rows: list[dict], best: dict, out_dir: Path, tuned: str, base: str, dataset: str) -> dict[str, Path]:
+    paths = {"json": out_dir / "interpolation.json", "markdown": out_dir / "interpolation.md",
+             "plot": out_dir / "interpolation.png"}
+    write_json_atomic(paths["json"], {"tuned": tuned, "base": base, "dataset": dataset, "split": "validation",
+                                      "best": best, "curve": rows})
+    lines = [f"# Interpolation (1 - w) x base + w x fine-tuned, {dataset} validation articles", "",
+             f"base `{base}`, fine-tuned `{tuned}`", "", curve_table(rows), "",
+             f"Best by mean mAP: w = {best['weight']:g} (`{best['model']}`)"]
+    atomic_write(paths["markdown"], "\n".join(lines) + "\n")
+    fig = Figure(figsize=(10, 4), layout="tight")
+    left, right = fig.subplots(1, 2)
+    weights = [r["weight"] for r in rows]
+    for key, _, label in SETTINGS:
+        left.plot(weights, [r[key] for r in rows], marker="o", label=label)
+    left.set(xlabel="w (0: base model, 1: fine-tuned)", ylabel="validation mAP", title="mAP vs interpolation weight")
+    left.legend()
+    right.plot(weights, [r["rank_distance"] for r in rows], marker="o", color="tab:red")
+    right.set(xlabel="w", ylabel="mean max rank distance", title="language bias (lower is better)")
+    save_figure(paths["plot"], fig)
+    return paths

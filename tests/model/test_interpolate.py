@@ -1,0 +1,75 @@
+"""Weight-space interpolation: the arithmetic, the saved model, the one-line errors, and the
+curve over weights chosen on validation articles (`raysys export`)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModel
+
+from raysys.cli import main
+from raysys.errors import ConfigError
+from raysys.model.encoder import BiEncoder
+from raysys.model.interpolate import interpolate_states, write_interpolated
+
+
+@pytest.fixture(scope="module")
+def tuned_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with every weight moved: a stand-in for a fine-tuned copy of it."""
+    encoder = BiEncoder.from_pretrained(str(tiny_model_dir))
+    torch.manual_seed(7)
+    state = {k: (v + 0.05 * torch.randn_like(v)) if v.is_floating_point() else v
+             for k, v in encoder.backbone.state_dict().items()}
+    return encoder.save(tmp_path_factory.mktemp("tuned") / "model", state_dict=state)
+
+
+def test_interpolation_is_elementwise_and_keeps_integer_tensors():
+    base = {"w": torch.tensor([0.0, 2.0]), "ids": torch.tensor([1, 2])}
+    tuned = {"w": torch.tensor([1.0, 4.0]), "ids": torch.tensor([1, 2])}
+    mixed = interpolate_states(base, tuned, 0.25)
+    assert torch.equal(mixed["w"], torch.tensor([0.25, 2.5])) and torch.equal(mixed["ids"], tuned["ids"])
+
+
+@pytest.mark.parametrize("base,weight,message", [
+    ({"w": torch.zeros(2)}, 1.5, "outside \\[0, 1\\]"),
+    ({"v": torch.zeros(2)}, 0.5, "'v' is in only one of them"),
+    ({"w": torch.zeros(3)}, 0.5, "'w' has shape \\(3,\\)"),
+])
+def test_mismatched_models_fail_in_one_line(base, weight, message):
+    with pytest.raises(ConfigError, match=message) as error:
+        interpolate_states(base, {"w": torch.ones(2)}, weight)
+    assert "\n" not in str(error.value)
+
+
+def test_written_model_lies_between_base_and_tuned(tiny_model_dir, tuned_dir, tmp_path):
+    base = AutoModel.from_pretrained(tiny_model_dir).state_dict()
+    tuned = AutoModel.from_pretrained(tuned_dir).state_dict()
+    for weight in (0.0, 0.5, 1.0):
+        out = write_interpolated(str(tiny_model_dir), str(tuned_dir), weight, str(tmp_path / f"w{weight}"))
+        got = AutoModel.from_pretrained(out).state_dict()
+        for key in ("embeddings.word_embeddings.weight", "encoder.layer.1.output.dense.bias"):
+            torch.testing.assert_close(got[key], (1 - weight) * base[key] + weight * tuned[key])
+    assert (tmp_path / "w0.5" / "modules.json").exists()  # a sentence-transformers directory too
+
+
+@pytest.mark.slow  # three evaluations through Ray Data encoder actors: minutes on 2 cores
+def test_export_command_chooses_the_weight_on_validation_articles(ray_local, tiny_model_dir, tuned_dir, tmp_path):
+    from tests.eval.lareqa_fixture import write_synthetic_lareqa
+
+    data = write_synthetic_lareqa(tmp_path / "lareqa", articles=5)
+    out = tmp_path / "best"
+    code = main(["export", "--model", str(tuned_dir), "--base", str(tiny_model_dir), "--interpolate", "0,0.5,1",
+                 "--out", str(out), f"output_dir={tmp_path}", f"data.train={data}", "data.validation_fraction=0.4",
+                 "data.test_fraction=0.2", "eval.bootstrap_samples=10"])
+    assert code == 0
+    curve = json.loads((tmp_path / "best-curve" / "interpolation.json").read_text())
+    assert [r["weight"] for r in curve["curve"]] == [0.0, 0.5, 1.0] and curve["split"] == "validation"
+    best = max(curve["curve"], key=lambda r: (r["mean_map"], r["weight"]))
+    assert curve["best"]["weight"] == best["weight"]
+    assert all(0 < r["mean_map"] <= 1 for r in curve["curve"])
+    assert (tmp_path / "best-curve" / "interpolation.png").stat().st_size > 0
+    chosen = AutoModel.from_pretrained(out).state_dict()["pooler.dense.weight"]
+    expected = AutoModel.from_pretrained(best["model"]).state_dict()["pooler.dense.weight"]
+    assert torch.equal(chosen, expected)
