@@ -36,6 +36,9 @@ class DataConfig:
     # Group-wise split (by article title): the last fractions of groups in file order.
     validation_fraction: float = 0.1
     test_fraction: float = 0.15
+    # LAReQA training data: None (random in-batch negatives only) | "paragraph" (each pair also gets
+    # another sentence of its gold paragraph as a hard negative: raysys.data.negatives).
+    hard_negatives: str | None = None
 
 
 @dataclass
@@ -218,6 +221,9 @@ class Config:
             raise fail("train.cpus_per_worker", f"{t.cpus_per_worker} is negative", "use 0 or more, e.g. 0.5")
         if t.logger not in (None, "tensorboard", "mlflow"):
             raise fail("train.logger", f"unknown logger {t.logger!r}", "use tensorboard, mlflow or null")
+        if self.data.hard_negatives not in (None, "paragraph"):
+            raise fail("data.hard_negatives", f"unknown source {self.data.hard_negatives!r}",
+                       "use paragraph (LAReQA data: another sentence of the gold paragraph) or null")
         if self.model.pooling not in ("mean", "cls"):
             raise fail("model.pooling", f"unknown pooling {self.model.pooling!r}", "use mean or cls")
         for key in ("max_query_length", "max_passage_length"):

@@ -49,10 +49,18 @@ def load_split_datasets(config: Config) -> dict[str, ray.data.Dataset]:
         from raysys.data.lareqa import read_lareqa_dir
 
         corpus = read_lareqa_dir(location, data.languages)
+        if data.hard_negatives == "paragraph":
+            from raysys.data.negatives import with_paragraph_negatives
+
+            corpus = with_paragraph_negatives(corpus)
         groups = list(dict.fromkeys(corpus.pairs.column("group").to_pylist()))
         tables = split_table(corpus.pairs, split_groups(groups, data.validation_fraction, data.test_fraction))
         return {name: ray.data.from_arrow(tables[name]) for name in ("train", "validation")
                 if tables[name].num_rows}
+    if data.hard_negatives:
+        raise ConfigError(f"data.hard_negatives={data.hard_negatives} needs LAReQA training data; {location} is "
+                          "JSONL/Parquet", field="data.hard_negatives",
+                          hint="give JSONL/Parquet rows a hard_negative column instead, or set it to null")
     from raysys.data.files import read_pairs
 
     ds = read_pairs(location)

@@ -15,10 +15,10 @@ from raysys.train.run import train
 pytestmark = pytest.mark.timeout(900)
 
 
-def tiny_config(tmp_path: Path, model_dir: Path, name: str, **train_overrides) -> Config:
+def tiny_config(tmp_path: Path, model_dir: Path, name: str, *extra: str, **train_overrides) -> Config:
     from tests.conftest import XQUAD_R_DIR
 
-    overrides = [f"model.name_or_path={model_dir}", f"data.train={XQUAD_R_DIR}",
+    overrides = [*extra, f"model.name_or_path={model_dir}", f"data.train={XQUAD_R_DIR}",
                  "data.languages=[de,en,es,zh]", f"output_dir={tmp_path}", f"name={name}",
                  "model.max_query_length=32", "model.max_passage_length=48",
                  "train.global_batch_size=8", "train.cpus_per_worker=0.5", "train.lr=1e-3", "train.log_every=1"]
@@ -78,13 +78,16 @@ def test_zero_stages_checkpoint_and_consolidate(ray_local, tmp_path, tiny_model_
 
 
 def test_resume_continues_the_same_batch_schedule(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
-    full = train(tiny_config(tmp_path / "full", tiny_model_dir, "full", max_steps=8, checkpoint_every=4,
+    """With same-paragraph hard negatives (a third forward input), the resumed run repeats the batches
+    and losses of the uninterrupted one."""
+    negatives = "data.hard_negatives=paragraph"
+    full = train(tiny_config(tmp_path / "full", tiny_model_dir, "full", negatives, max_steps=8, checkpoint_every=4,
                              eval_every=4, keep_checkpoints=5))
     full_history = state_of(Path(full.checkpoint_path))["history"]
     run_dir = Path(full.run_path)
     at_4 = next(c for c in run_dir.glob("checkpoint_*") if c.is_dir() and state_of(c)["global_step"] == 4)
-    resumed = train(tiny_config(tmp_path / "resumed", tiny_model_dir, "resumed", max_steps=8, checkpoint_every=4,
-                                eval_every=4, resume_from=str(at_4)))
+    resumed = train(tiny_config(tmp_path / "resumed", tiny_model_dir, "resumed", negatives, max_steps=8,
+                                checkpoint_every=4, eval_every=4, resume_from=str(at_4)))
     resumed_history = state_of(Path(resumed.checkpoint_path))["history"]
     assert resumed_history["batch"] == full_history["batch"]
     np.testing.assert_allclose(resumed_history["loss"], full_history["loss"], rtol=1e-4)
