@@ -128,25 +128,21 @@ def check_shared(root: str, what: str = "train.storage_path") -> None:
 def distribute_model(model_path: str, config: Config) -> str:
     """The model reference to ship to workers: a URI every node can load, or the path itself on
     one node (and for hub ids, which every node loads from the hub)."""
-    from raysys.runtime import ensure_ray, is_multi_node
-
-    if os.environ.get("RAY_ADDRESS"):  # a cluster: join it to see its nodes
-        ensure_ray()
-    if storage.is_remote(model_path) or not Path(model_path).is_dir() or not is_multi_node():
-        return model_path
-    root = storage_root(config)
-    check_shared(root)
-    return publish_dir(model_path, root, "models")
+    return _distribute(model_path, config, "models")
 
 
 def distribute_dataset(location: str, config: Config) -> str:
     """The same for a dataset directory read on another node (a Tune trial's driver)."""
+    return _distribute(location, config, "data")
+
+
+def _distribute(location: str, config: Config, kind: str) -> str:
     from raysys.runtime import ensure_ray, is_multi_node
 
-    if os.environ.get("RAY_ADDRESS"):
+    if os.environ.get("RAY_ADDRESS"):  # a cluster: join it to see its nodes
         ensure_ray()
     if storage.is_remote(location) or not Path(location).is_dir() or not is_multi_node():
         return location
     root = storage_root(config)
     check_shared(root)
-    return publish_dir(location, root, "data")
+    return publish_dir(location, root, kind)

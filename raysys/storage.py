@@ -126,28 +126,25 @@ def _wrap(uri, exc: BaseException) -> StorageError:
     return StorageError(f"{uri}: {text[:300]}{hint}")
 
 
-def exists(uri) -> bool:
+def file_type(uri) -> pafs.FileType:
+    """NotFound, File or Directory (one metadata request; a one-line StorageError on failure)."""
     fs, path = resolve(uri)
     try:
-        return fs.get_file_info(path).type != pafs.FileType.NotFound
+        return fs.get_file_info(path).type
     except OSError as exc:
         raise _wrap(uri, exc) from None
+
+
+def exists(uri) -> bool:
+    return file_type(uri) != pafs.FileType.NotFound
 
 
 def is_dir(uri) -> bool:
-    fs, path = resolve(uri)
-    try:
-        return fs.get_file_info(path).type == pafs.FileType.Directory
-    except OSError as exc:
-        raise _wrap(uri, exc) from None
+    return file_type(uri) == pafs.FileType.Directory
 
 
 def is_file(uri) -> bool:
-    fs, path = resolve(uri)
-    try:
-        return fs.get_file_info(path).type == pafs.FileType.File
-    except OSError as exc:
-        raise _wrap(uri, exc) from None
+    return file_type(uri) == pafs.FileType.File
 
 
 def makedirs(uri) -> None:

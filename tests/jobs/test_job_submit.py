@@ -5,7 +5,6 @@ import contextlib
 import os
 import signal
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,29 +14,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT, XQUAD_R_DIR
+from tests.fixtures.processes import free_port, processes_matching, stop_processes
 
 pytestmark = pytest.mark.timeout(900)
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes_under(temp_dir: str) -> list[int]:
-    """Pids whose command line names this head's temp dir (every process of that Ray instance does)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if temp_dir in cmdline and int(entry.name) != os.getpid():
-                pids.append(int(entry.name))
-    return pids
 
 
 @pytest.fixture
@@ -69,15 +49,12 @@ def ray_head(tmp_path):
             time.sleep(2)
         yield client_env
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(head.pid, sig)
-            for pid in _processes_under(temp_dir):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
-            time.sleep(3)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGTERM)
+        # Every process of this Ray instance names its temp dir on its command line.
+        stop_processes([head.pid, *processes_matching(temp_dir)])
         head.wait(timeout=30)
-        assert not _processes_under(temp_dir), "processes of the test head survived"
+        assert not processes_matching(temp_dir), "processes of the test head survived"
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
