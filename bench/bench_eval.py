@@ -101,9 +101,9 @@ def part_full(args) -> dict:
         return wrapper
 
     # Time the phases inside evaluate() without changing it.
-    real_encode, real_metrics = run_mod.encode_texts, run_mod.evaluate_lareqa
-    run_mod.encode_texts = timed(real_encode, lambda a, kw: f"encode {kw['name']} ({len(a[0])} texts)")
-    run_mod.evaluate_lareqa = timed(real_metrics, lambda a, kw: "metrics (FAISS + exact ranks)")
+    real_encode, real_metrics = run_mod.encode_to_storage, run_mod.evaluate_lareqa_stored
+    run_mod.encode_to_storage = timed(real_encode, lambda a, kw: f"encode {kw['name']} ({len(a[0])} texts)")
+    run_mod.evaluate_lareqa_stored = timed(real_metrics, lambda a, kw: "metrics (index-shard actors: exact ranks)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         n_c = run_mod.load_eval_corpus("xquad-r", config).candidates.num_rows  # (prepares the data cache)
@@ -116,7 +116,7 @@ def part_full(args) -> dict:
             result = run_mod.evaluate("default", ["xquad-r"], config, work, progress=False)["xquad-r"]
         wall = time.perf_counter() - t
     finally:
-        run_mod.encode_texts, run_mod.evaluate_lareqa = real_encode, real_metrics
+        run_mod.encode_to_storage, run_mod.evaluate_lareqa_stored = real_encode, real_metrics
     got = headline(result["summary"])
     n_q = sum(v["num_queries"] for v in result["multilingual_per_language"].values())
     deltas = {f"{s}_map": round(got[f"{s}_map"] - REFERENCE[f"{s}_map"], 4) for s in SETTINGS}

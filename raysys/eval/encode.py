@@ -161,11 +161,18 @@ def token_budget_chunks(lengths: list[int], batch_tokens: int) -> list[list[int]
     return chunks
 
 
-def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, settings: EncoderSettings,
-                 out_dir: str | os.PathLike, name: str, shard_size: int = 4096, batch_tokens: int | None = None,
-                 num_encoders: int = 1, use_gpu: bool = False, threads: int | None = None,
-                 progress: bool = True, fast_path: str | None = None) -> np.ndarray:
-    """Encode `texts` (row i -> embedding i), reusing shards already in `out_dir`; returns [N, d].
+def encode_texts(texts: list[str], kind: str | list[str], **kwargs) -> np.ndarray:
+    """`encode_to_storage`, then the embeddings read back as one [N, d] array (row i -> text i)."""
+    files = encode_to_storage(texts, kind, **kwargs)
+    return np.concatenate([_load_shard(p)["embedding"] for p, _ in files]) if files else np.zeros((0, 0))
+
+
+def encode_to_storage(texts: list[str], kind: str | list[str], *, model_path: str, settings: EncoderSettings,
+                      out_dir: str | os.PathLike, name: str, shard_size: int = 4096, batch_tokens: int | None = None,
+                      num_encoders: int = 1, use_gpu: bool = False, threads: int | None = None,
+                      progress: bool = True, fast_path: str | None = None) -> list[tuple[str, int]]:
+    """Encode `texts` (row i -> embedding i) into shard files under `out_dir`, reusing shards
+    already there; returns [(uri, rows)] in row order. Nothing but these names comes back.
 
     batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU).
     One actor batch is one shard, so with `num_encoders` actors up to that many shards are
@@ -202,7 +209,7 @@ def encode_texts(texts: list[str], kind: str | list[str], *, model_path: str, se
         bar.close()
         if pending:  # an actor returned fewer rows than it was given: never silently short
             raise RuntimeError(f"encode {name}: shards {sorted(pending)} came back incomplete")
-    return np.concatenate([_load_shard(p)["embedding"] for p in shard_paths]) if shard_paths else np.zeros((0, 0))
+    return [(p, _shard_len(i, shard_size, len(texts))) for i, p in enumerate(shard_paths)]
 
 
 def _shard_len(shard: int, shard_size: int, total: int) -> int:

@@ -5,70 +5,103 @@ Given embeddings of a corpus' questions and candidate sentences:
   X != Y cross-lingual; a query with no gold sentence in Y is skipped for that pair (MLQA-R);
 - multilingual: queries of X against the pool of every language's candidates, relevant = the
   gold sentence in every language; also the maximum rank distance (language bias).
-Ranks are exact over the full pool (counted from all scores, never from a truncated top-k);
-the sharded FAISS index provides the score blocks and the multilingual top-k run.
+Ranks are exact over the full pool, from counts that the index shards return per relevant
+candidate (`raysys.eval.ranking`): one pass over the queries gives the multilingual rank of each
+gold sentence and its rank among its own language's candidates (= its pair's rank). The shards
+also give the multilingual top-k list.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from raysys.data.lareqa import LareqaCorpus
-from raysys.eval.index import ShardedIndex
-from raysys.eval.metrics import paired_bootstrap, per_query_rank_metrics, relevant_ranks
+from raysys.eval.metrics import paired_bootstrap, per_query_rank_metrics
+from raysys.eval.ranking import (ActorShards, LocalShards, array_blocks, balanced_bounds, rank_block,
+                                 stored_blocks)
 
 KS = (1, 10)
 METRICS = ("map", "recall@1", "recall@10")
 
 
 def evaluate_lareqa(corpus: LareqaCorpus, query_emb: np.ndarray, cand_emb: np.ndarray, *,
-                    num_shards: int = 1, top_k: int = 100, chunk_size: int = 512) -> dict:
-    """Return {'summary', 'pairs', 'multilingual_per_language', 'per_query', 'top_k'}."""
+                    num_shards: int = 1, top_k: int = 100, chunk_size: int = 512,
+                    shard_bounds: Sequence[int] | None = None) -> dict:
+    """In-memory embeddings (row i = cand_id i), shards in this process.
+    Returns {'summary', 'pairs', 'multilingual_per_language', 'per_query', 'top_k'}."""
+    bounds = balanced_bounds(len(cand_emb), num_shards) if shard_bounds is None else shard_bounds
+    shards = LocalShards(cand_emb, bounds, _candidate_groups(corpus))
+    return _evaluate(corpus, shards, array_blocks(query_emb, chunk_size), top_k)
+
+
+def evaluate_lareqa_stored(corpus: LareqaCorpus, query_files: Sequence[tuple[str, int]],
+                           cand_files: Sequence[tuple[str, int]], *, num_shards: int = 1, top_k: int = 100,
+                           chunk_size: int = 512, use_gpu: bool = False, cpus_per_shard: int = 1,
+                           shard_bounds: Sequence[int] | None = None) -> dict:
+    """Embeddings in storage [(uri, rows)] (`raysys.eval.encode.encode_to_storage`): one Ray actor
+    per index shard loads its candidate range; the driver streams the query files block by block."""
+    total = sum(n for _, n in cand_files)
+    bounds = balanced_bounds(total, num_shards) if shard_bounds is None else shard_bounds
+    shards = ActorShards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
+                         cpus_per_shard=cpus_per_shard)
+    try:
+        return _evaluate(corpus, shards, stored_blocks(query_files, chunk_size), top_k)
+    finally:
+        shards.close()
+
+
+def _candidate_groups(corpus: LareqaCorpus) -> np.ndarray:
+    """Language code per candidate row (the shards count within a language for the pairs)."""
+    code = {lang: i for i, lang in enumerate(corpus.languages)}
+    return np.array([code[lang] for lang in corpus.candidates.column("lang").to_pylist()], dtype=np.int64)
+
+
+def _evaluate(corpus: LareqaCorpus, shards, blocks: Iterable[tuple[int, np.ndarray]], top_k: int) -> dict:
     q_langs = np.array(corpus.questions.column("lang").to_pylist())
     q_ids = np.array(corpus.questions.column("id").to_pylist())
     c_langs = np.array(corpus.candidates.column("lang").to_pylist())
     languages = [lang for lang in corpus.languages if (q_langs == lang).any()]
-    cand_cols = {lang: np.flatnonzero(c_langs == lang) for lang in corpus.languages}
     gold = corpus.relevant_by_question()  # id -> {lang: cand_id}
-    position_in_language = np.empty(len(c_langs), dtype=np.int64)
-    for cols in cand_cols.values():
-        position_in_language[cols] = np.arange(len(cols))
+    relevant = [np.array(sorted(gold[qid].values()), dtype=np.int64) for qid in q_ids]
+    k = min(top_k, len(c_langs))
+    multi_ranks: list[np.ndarray] = [None] * len(q_ids)
+    lang_ranks: list[dict[str, int]] = [None] * len(q_ids)  # per query: its gold's rank in each language
+    top_ids = np.full((len(q_ids), k), -1, np.int64)
+    top_scores = np.full((len(q_ids), k), -np.inf, np.float32)
+    seen = 0
+    for first, block in blocks:
+        rows = slice(first, first + block.shape[0])
+        got = rank_block(shards, block, relevant[rows], k)
+        for b, (ranks, in_group) in enumerate(zip(got.ranks, got.group_ranks)):
+            rel = relevant[first + b]
+            multi_ranks[first + b] = ranks
+            lang_ranks[first + b] = {str(c_langs[c]): int(r) for c, r in zip(rel, in_group)}
+        top_ids[rows], top_scores[rows] = got.top_ids, got.top_scores
+        seen += block.shape[0]
+    if seen != len(q_ids):
+        raise ValueError(f"{seen} query embeddings for {len(q_ids)} questions")
 
-    index = ShardedIndex(cand_emb.astype(np.float32), num_shards=num_shards)
     pairs: dict[str, dict] = {}
     multi: dict[str, dict] = {}
     per_query: dict[str, dict[str, np.ndarray]] = {}
     for x in languages:
         rows = np.flatnonzero(q_langs == x)
-        ids_x = q_ids[rows]
-        pair_ranks: dict[str, list] = defaultdict(list)
-        pair_queries: dict[str, list] = defaultdict(list)
-        multi_ranks: list[np.ndarray] = []
-        for first, block in index.iter_score_blocks(query_emb[rows], chunk_size=chunk_size):
-            block_ids = ids_x[first:first + block.shape[0]]
-            for y, cols in cand_cols.items():
-                keep = [i for i, qid in enumerate(block_ids) if y in gold[qid]]
-                if not keep:
-                    continue
-                rel = [position_in_language[[gold[block_ids[i]][y]]] for i in keep]
-                pair_ranks[y].extend(relevant_ranks(block[keep][:, cols], rel))
-                pair_queries[y].extend(block_ids[keep])
-            multi_rel = [np.array(sorted(gold[qid].values())) for qid in block_ids]
-            multi_ranks.extend(relevant_ranks(block, multi_rel))
-        for y, ranks in pair_ranks.items():
-            values = per_query_rank_metrics(ranks, KS)
-            pairs[f"{x}-{y}"] = _means(values) | {"num_queries": len(ranks)}
-            per_query[f"{x}-{y}"] = {"id": np.array(pair_queries[y]), "ap": values["ap"]}
-        values = per_query_rank_metrics(multi_ranks, KS)
+        for y in corpus.languages:
+            keep = [i for i in rows if y in lang_ranks[i]]
+            if not keep:
+                continue
+            values = per_query_rank_metrics([np.array([lang_ranks[i][y]]) for i in keep], KS)
+            pairs[f"{x}-{y}"] = _means(values) | {"num_queries": len(keep)}
+            per_query[f"{x}-{y}"] = {"id": q_ids[keep], "ap": values["ap"]}
+        values = per_query_rank_metrics([multi_ranks[i] for i in rows], KS)
         multi[x] = _means(values) | {"rank_distance": float(values["rank_distance"].mean()),
-                                     "num_queries": len(multi_ranks)}
-        per_query[f"{x}-multi"] = {"id": ids_x, "ap": values["ap"], "rank_distance": values["rank_distance"]}
-
-    scores, top_ids = index.search(query_emb.astype(np.float32), min(top_k, len(cand_emb)))
+                                     "num_queries": len(rows)}
+        per_query[f"{x}-multi"] = {"id": q_ids[rows], "ap": values["ap"], "rank_distance": values["rank_distance"]}
     return {"summary": summarise(pairs, multi), "pairs": pairs, "multilingual_per_language": multi,
-            "per_query": per_query, "top_k": {"ids": top_ids, "scores": scores}}
+            "per_query": per_query, "top_k": {"ids": top_ids, "scores": top_scores}}
 
 
 def _means(values: dict[str, np.ndarray]) -> dict[str, float]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,8 @@ from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import split_groups
 from raysys.errors import ConfigError
-from raysys.eval.encode import encode_texts
-from raysys.eval.lareqa import evaluate_lareqa
+from raysys.eval.encode import encode_texts, encode_to_storage
+from raysys.eval.lareqa import evaluate_lareqa_stored
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import EncoderSettings
 from raysys.runtime import ensure_ray
@@ -91,9 +92,22 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
     ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
-    q_emb = encode_texts(texts_q, "query", name="queries", **common)
-    c_emb = encode_texts(texts_c, "passage", name="candidates", **common)
-    return evaluate_lareqa(corpus, q_emb, c_emb, num_shards=e.num_shards, top_k=e.top_k)
+    q_files = encode_to_storage(texts_q, "query", name="queries", **common)
+    c_files = encode_to_storage(texts_c, "passage", name="candidates", **common)
+    # Index-shard actors load the candidate files; the driver only streams the query files.
+    use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
+    return evaluate_lareqa_stored(corpus, q_files, c_files, num_shards=min(e.num_shards, len(texts_c)),
+                                  top_k=e.top_k, use_gpu=use_gpu, cpus_per_shard=cpus)
+
+
+def _shard_resources(e, use_gpu: bool) -> tuple[bool, int]:
+    """(one GPU per index-shard actor?, CPUs per actor): GPUs when asked for and the cluster has
+    them; else the CPU nodes' cores split between the shards (FAISS and BLAS threads)."""
+    import ray
+
+    if use_gpu and ray.cluster_resources().get("GPU", 0) >= 1:
+        return True, 0
+    return False, max(1, _encoder_threads(replace(e, num_encoders=e.num_shards)))
 
 
 def _encoder_threads(e) -> int:

@@ -1,0 +1,224 @@
+"""One index shard: a contiguous range of the candidate pool in a FAISS IndexFlatIP.
+
+For a block of queries a shard answers two small questions, so that exact full-pool ranks never
+need the whole score matrix in one place (`raysys.eval.ranking` adds the answers over shards):
+- `relevant_scores`: the scores (and groups) of the relevant candidates it holds;
+- `search_and_count`: its own top-k (FAISS) and, for every relevant candidate of every query
+  (wherever that candidate lives), how many of its candidates score strictly above it and how
+  many tie with it, over all its candidates and over those of the candidate's group (language).
+A shard does not count a relevant candidate against itself: the driver adds that 1, so a score
+recomputed one ulp apart can never make a candidate outrank itself.
+
+Scores are float32 BLAS products `queries @ vectors.T` over column chunks, the arithmetic of the
+single-process path. (OpenBLAS rounds some products one ulp differently for other matrix shapes,
+so against a path that blocks the work differently a rank can move by one where two scores lie
+within an ulp; exactly representable scores, ties included, give identical ranks.)
+The vectors live once, in the FAISS IndexFlatIP. On CPU the top-k comes from the count pass's
+own score chunks; with a GPU (faiss-gpu) the GPU index searches and the counts run in torch on
+the same device (TF32 off).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from raysys import storage
+
+try:
+    import faiss
+except ImportError:  # faiss-cpu and faiss-gpu are extras (see raysys.eval.index)
+    raise ImportError("FAISS is not installed: `pip install raysys[cpu]` or `pip install raysys[gpu]`") from None
+
+GPU_MAX_K = 2048  # FAISS GPU k-selection limit
+COUNT_CHUNK = 32768  # candidate columns scored at once: block x chunk float32 stays ~64 MB
+
+
+def read_embedding_file(uri: str) -> np.ndarray:
+    """The float32 embeddings of one encoder shard file (`raysys.eval.encode`'s .npz)."""
+    with np.load(io.BytesIO(storage.read_bytes(uri))) as z:
+        return np.ascontiguousarray(z["embedding"], dtype=np.float32)
+
+
+class IndexShard:
+    """Candidates first_id .. first_id + n - 1 (global row numbers of the pool).
+
+    groups: int codes per candidate of this shard (e.g. language), or None (one group).
+    parts: [(uri, lo, hi)]: rows lo..hi-1 of each encoder shard file, in order (storage path);
+    vectors: an in-memory [n, d] array instead (the in-process path)."""
+
+    def __init__(self, first_id: int, *, parts: list[tuple[str, int, int]] | None = None,
+                 vectors: np.ndarray | None = None, groups: np.ndarray | None = None,
+                 use_gpu: bool = False, threads: int | None = None, count_chunk: int = COUNT_CHUNK):
+        if (parts is None) == (vectors is None):
+            raise ValueError("give exactly one of parts (stored files) or vectors (an array)")
+        if threads:
+            faiss.omp_set_num_threads(int(threads))
+        self.first_id = int(first_id)
+        self.count_chunk = int(count_chunk)
+        index = None
+        # Add file by file: the shard never holds a second full copy outside the FAISS index.
+        for block in ([vectors] if vectors is not None else (read_embedding_file(u)[lo:hi] for u, lo, hi in parts)):
+            block = np.ascontiguousarray(block, dtype=np.float32)
+            if block.ndim != 2 or not np.isfinite(block).all():
+                raise ValueError(f"shard at {first_id}: embeddings must be a finite [n, d] array")
+            if index is None:
+                index = faiss.IndexFlatIP(block.shape[1])
+            index.add(block)
+        if index is None or index.ntotal == 0:
+            raise ValueError(f"shard at {first_id}: no candidates")
+        self.n, self.dim = int(index.ntotal), int(index.d)
+        # A view of the index's own storage (no copy) for the exact counts.
+        self.vectors = faiss.rev_swig_ptr(index.get_xb(), self.n * self.dim).reshape(self.n, self.dim)
+        groups = np.zeros(self.n, np.int64) if groups is None else np.asarray(groups, np.int64).reshape(-1)
+        if groups.shape[0] != self.n:
+            raise ValueError(f"shard at {first_id}: {groups.shape[0]} groups for {self.n} candidates")
+        self.groups = groups
+        self.on_gpu = bool(use_gpu)
+        self.index = self._to_gpu(index) if self.on_gpu else index
+        # Per column chunk, each group's columns (a slice when contiguous, as sorted pools are).
+        self.chunks = []
+        for c0 in range(0, self.n, self.count_chunk):
+            c1 = min(c0 + self.count_chunk, self.n)
+            by_group = {}
+            for code in np.unique(groups[c0:c1]):
+                cols = np.flatnonzero(groups[c0:c1] == code)
+                by_group[int(code)] = slice(int(cols[0]), int(cols[-1]) + 1) if cols[-1] - cols[0] + 1 == cols.size else cols
+            self.chunks.append((c0, c1, by_group))
+
+    def _to_gpu(self, index):
+        if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+            raise RuntimeError("use_gpu=True but this faiss build sees no GPU (install faiss-gpu)")
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 products for the counts
+        self._res = faiss.StandardGpuResources()
+        self.vectors = torch.from_numpy(np.array(self.vectors)).cuda()  # counts on the device
+        return faiss.index_cpu_to_gpu(self._res, 0, index)  # the CPU index is dropped by the caller
+
+    # -- the two questions ------------------------------------------------------------------
+
+    def relevant_scores(self, queries: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores of (queries[rows[i]], candidate ids[i]) for ids in this shard, and their groups."""
+        rows, local = np.asarray(rows, np.int64), np.asarray(ids, np.int64) - self.first_id
+        if rows.size == 0:
+            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+        if local.min() < 0 or local.max() >= self.n:
+            raise ValueError(f"relevant id outside shard [{self.first_id}, {self.first_id + self.n})")
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        u_rows, r_inv = np.unique(rows, return_inverse=True)
+        u_cols, c_inv = np.unique(local, return_inverse=True)
+        # The same float32 product as the counts use (a small GEMM), never a separate dot product.
+        block = self._numpy(self._scores(q[u_rows], u_cols))
+        return block[r_inv, c_inv].astype(np.float32), self.groups[local]
+
+    def search_and_count(self, queries: np.ndarray, thresholds: np.ndarray, rel_ids: np.ndarray,
+                         rel_groups: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """queries [B, d]; thresholds / rel_ids / rel_groups [B, R] (the relevant candidates' scores,
+        global ids and groups; padding: id -1, threshold +inf). Returns top-k 'scores'/'ids'
+        [B, k'] (k' = min(k, shard size, GPU cap); k = 0: none) and int64 [B, R] counts
+        'above', 'tied' (all candidates here) and 'above_group', 'tied_group'."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        t = np.asarray(thresholds, np.float32)
+        rel_ids, rel_groups = np.asarray(rel_ids, np.int64), np.asarray(rel_groups, np.int64)
+        if q.ndim != 2 or q.shape[1] != self.dim or t.shape != rel_ids.shape or t.shape[0] != q.shape[0]:
+            raise ValueError(f"queries must be [B, {self.dim}] and thresholds/ids [B, R], got {q.shape}, {t.shape}")
+        out = {name: np.zeros(t.shape, np.int64) for name in ("above", "tied", "above_group", "tied_group")}
+        local = rel_ids - self.first_id
+        # On CPU the top-k comes from the same score chunks as the counts (a FAISS search would
+        # compute every product a second time: ~45 % of a block's time, bench_eval_shards.py);
+        # on a GPU the FAISS GPU index searches.
+        top = None if self.on_gpu else (np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64))
+        for c0, c1, by_group in self.chunks:
+            scores = self._scores(q, slice(c0, c1))  # [B, c1 - c0]
+            if top is not None and k > 0:
+                top = merge_sorted(top, chunk_top_k(scores, k, self.first_id + c0), k)
+            tt = self._like(t, scores)
+            for r in range(t.shape[1]):
+                col = tt[:, r:r + 1]
+                out["above"][:, r] += self._numpy((scores > col).sum(1))
+                out["tied"][:, r] += self._numpy((scores == col).sum(1))
+                for code, cols in by_group.items():
+                    rows = np.flatnonzero(rel_groups[:, r] == code)
+                    if rows.size:
+                        sub, sub_t = scores[self._like(rows, scores)][:, cols], col[self._like(rows, scores)]
+                        out["above_group"][rows, r] += self._numpy((sub > sub_t).sum(1))
+                        out["tied_group"][rows, r] += self._numpy((sub == sub_t).sum(1))
+                # A relevant candidate held here is not counted against itself (the driver adds 1).
+                rows = np.flatnonzero((local[:, r] >= c0) & (local[:, r] < c1))
+                if rows.size:
+                    own = self._numpy(scores[self._like(rows, scores), self._like(local[rows, r] - c0, scores)])
+                    above = (own > t[rows, r]).astype(np.int64)
+                    tied = (own == t[rows, r]).astype(np.int64)
+                    for name in ("above", "above_group"):
+                        out[name][rows, r] -= above
+                    for name in ("tied", "tied_group"):
+                        out[name][rows, r] -= tied
+        out["scores"], out["ids"] = self.search(q, k) if top is None else top
+        return out
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS top-k of this shard: (scores [B, k'], global ids [B, k'])."""
+        cap = min(self.n, GPU_MAX_K) if self.on_gpu else self.n
+        k = min(int(k), cap)
+        if k <= 0:
+            return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        wide = k
+        while True:
+            scores, labels = self.index.search(q, wide)
+            # FAISS keeps an arbitrary subset of a tie at the cut: widen until no row's k-th score
+            # reaches the last column, so the lowest ids of every tie are in hand.
+            if wide >= cap or not np.any(scores[:, -1] == scores[:, k - 1]):
+                break
+            wide = min(2 * wide, cap)
+        order = np.lexsort((labels, -scores), axis=-1)[:, :k]
+        scores, labels = np.take_along_axis(scores, order, 1), np.take_along_axis(labels, order, 1)
+        return scores, np.where(labels >= 0, labels + self.first_id, -1)
+
+    # -- CPU (numpy) / GPU (torch) arithmetic ---------------------------------------------------
+
+    def _scores(self, q: np.ndarray, cols):
+        if not self.on_gpu:
+            return q @ self.vectors[cols].T
+        import torch
+
+        return torch.from_numpy(q).to(self.vectors.device) @ self.vectors[self._like(cols, self.vectors)].T
+
+    def _like(self, array, ref):
+        """`array` (numpy or slice) as an operand next to `ref` (a numpy array or a CUDA tensor)."""
+        if isinstance(ref, np.ndarray) or isinstance(array, slice):
+            return array
+        import torch
+
+        return torch.as_tensor(array, device=ref.device)
+
+    @staticmethod
+    def _numpy(x) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else x.cpu().numpy()
+
+    def info(self) -> dict:
+        return {"first_id": self.first_id, "n": self.n, "dim": self.dim, "on_gpu": self.on_gpu}
+
+
+def chunk_top_k(scores: np.ndarray, k: int, first_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best columns of each row, score descending then id ascending, ties at the cut
+    resolved to the lowest ids (argpartition alone keeps an arbitrary member of a tie)."""
+    k = min(k, scores.shape[1])
+    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    kth = np.take_along_axis(scores, part, 1).min(1)
+    # Rows whose k-th score ties beyond the selection: redo those exactly (rare with real scores).
+    ties = np.flatnonzero((scores == kth[:, None]).sum(1) != (np.take_along_axis(scores, part, 1) == kth[:, None]).sum(1))
+    for b in ties:
+        part[b] = np.lexsort((np.arange(scores.shape[1]), -scores[b]))[:k]
+    top = np.take_along_axis(scores, part, 1)
+    order = np.lexsort((part, -top), axis=1)
+    return np.take_along_axis(top, order, 1), np.take_along_axis(part, order, 1) + first_id
+
+
+def merge_sorted(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int):
+    """Two top lists -> the k best, score descending then id ascending."""
+    scores, ids = np.concatenate([a[0], b[0]], 1), np.concatenate([a[1], b[1]], 1)
+    order = np.lexsort((ids, -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(ids, order, 1)

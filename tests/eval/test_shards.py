@@ -1,0 +1,179 @@
+"""Index shards (in-process and Ray actors over stored files) against a brute-force reference:
+ranks, metrics and top-k identical (==), with 1, 2 and 3 uneven shards and exact score ties."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raysys.config import Config
+from raysys.data.lareqa import read_lareqa_dir
+from raysys.data.split import split_groups
+from raysys.eval import encode
+from raysys.eval.lareqa import KS, evaluate_lareqa, evaluate_lareqa_stored, summarise
+from raysys.eval.metrics import per_query_rank_metrics, relevant_ranks
+from raysys.eval.ranking import LocalShards, merge_top_k, parts_for_range, rank_block
+from tests.eval.lareqa_fixture import write_synthetic_lareqa
+
+LANGS = ("ar", "de", "en", "es")
+SHARDINGS = [None, [0, 7], [0, 1, 30], [0, 23, 24]]  # None: 1 shard; else the inner bounds (uneven)
+
+
+def reference_ranks(scores: np.ndarray, rel: np.ndarray, c_langs: np.ndarray):
+    """The tie rule written out per candidate: equal scores put non-relevant first, then relevant
+    by ascending id; and within one language, the query's one gold of that language."""
+    multi = np.array([int((scores >= scores[d]).sum()) - sum(1 for e in rel if e > d and scores[e] == scores[d])
+                      for d in rel])
+    per_lang = {str(c_langs[d]): int((scores[c_langs == c_langs[d]] >= scores[d]).sum()) for d in rel}
+    return multi, per_lang
+
+
+def brute_force(corpus, q: np.ndarray, c: np.ndarray, top_k: int) -> dict:
+    """The LAReQA result from the full score matrix, one query at a time."""
+    scores = q.astype(np.float32) @ c.astype(np.float32).T
+    q_langs = np.array(corpus.questions.column("lang").to_pylist())
+    q_ids = np.array(corpus.questions.column("id").to_pylist())
+    c_langs = np.array(corpus.candidates.column("lang").to_pylist())
+    gold = corpus.relevant_by_question()
+    multi, per_lang = [], []
+    for i, qid in enumerate(q_ids):
+        m, p = reference_ranks(scores[i], np.array(sorted(gold[qid].values())), c_langs)
+        multi.append(m)
+        per_lang.append(p)
+    pairs, multi_out = {}, {}
+    for x in [lang for lang in corpus.languages if (q_langs == lang).any()]:
+        rows = np.flatnonzero(q_langs == x)
+        for y in corpus.languages:
+            keep = [i for i in rows if y in per_lang[i]]
+            if keep:
+                v = per_query_rank_metrics([np.array([per_lang[i][y]]) for i in keep], KS)
+                pairs[f"{x}-{y}"] = {"map": float(v["ap"].mean()), "recall@1": float(v["recall@1"].mean()),
+                                     "recall@10": float(v["recall@10"].mean()), "num_queries": len(keep)}
+        v = per_query_rank_metrics([multi[i] for i in rows], KS)
+        multi_out[x] = {"map": float(v["ap"].mean()), "recall@1": float(v["recall@1"].mean()),
+                        "recall@10": float(v["recall@10"].mean()),
+                        "rank_distance": float(v["rank_distance"].mean()), "num_queries": len(rows)}
+    k = min(top_k, len(c))
+    order = np.lexsort((np.broadcast_to(np.arange(len(c)), scores.shape), -scores), axis=-1)[:, :k]
+    return {"summary": summarise(pairs, multi_out), "pairs": pairs, "multilingual_per_language": multi_out,
+            "top_ids": order, "multi_ranks": multi}
+
+
+def assert_same(result: dict, expected: dict):
+    assert result["pairs"] == expected["pairs"]
+    assert result["multilingual_per_language"] == expected["multilingual_per_language"]
+    assert result["summary"] == expected["summary"]
+    np.testing.assert_array_equal(result["top_k"]["ids"], expected["top_ids"])
+
+
+@pytest.fixture(scope="module")
+def mlqa_like(tmp_path_factory):
+    """4 languages; each question exists in 2-4 of them (MLQA-R's partial parallelism)."""
+    rng = np.random.default_rng(1)
+    qids = [f"a{a}p{p}s{s}" for a in range(3) for p in range(2) for s in range(3)]
+    missing = set()
+    for qid in qids:
+        for lang in rng.choice(LANGS, size=int(rng.integers(0, 3)), replace=False):
+            missing.add((str(lang), qid))
+    root = write_synthetic_lareqa(tmp_path_factory.mktemp("mlqa"), articles=3, langs=LANGS, missing=missing)
+    corpus = read_lareqa_dir(root)
+    sizes = [len(v) for v in corpus.relevant_by_question().values()]
+    assert min(sizes) == 2 and max(sizes) == 4
+    return corpus
+
+
+def tied_embeddings(corpus, rng):
+    """Dyadic values in a small dimension: every product is exact (no rounding anywhere), many
+    scores tie exactly, and some candidates duplicate a gold sentence (relevant-relevant ties)."""
+    q = rng.integers(-2, 3, size=(corpus.questions.num_rows, 6)).astype(np.float32) / 4
+    c = rng.integers(-2, 3, size=(corpus.candidates.num_rows, 6)).astype(np.float32) / 4
+    gold = sorted({g for rel in corpus.relevant_by_question().values() for g in rel.values()})
+    c[gold[1::3]] = c[gold[0::3][:len(gold[1::3])]]  # pairs of gold sentences with equal vectors
+    return q, c
+
+
+@pytest.mark.parametrize("inner", SHARDINGS)
+@pytest.mark.parametrize("kind", ["ties", "random"])
+def test_in_process_shards_equal_brute_force(mlqa_like, inner, kind):
+    rng = np.random.default_rng(7)
+    if kind == "ties":
+        q, c = tied_embeddings(mlqa_like, rng)
+    else:
+        q = rng.standard_normal((mlqa_like.questions.num_rows, 16)).astype(np.float32)
+        c = rng.standard_normal((mlqa_like.candidates.num_rows, 16)).astype(np.float32)
+    n = len(c)
+    bounds = None if inner is None else inner + [n]
+    result = evaluate_lareqa(mlqa_like, q, c, top_k=20, chunk_size=5, shard_bounds=bounds)
+    assert_same(result, brute_force(mlqa_like, q, c, top_k=20))
+
+
+def test_rank_block_counts_across_column_chunks_and_ties():
+    """Many exact ties, relevant sets of 1-5, column chunks smaller than a shard: the summed
+    counts equal metrics.relevant_ranks (today's single-process rule) on the full matrix."""
+    rng = np.random.default_rng(3)
+    c = rng.integers(-1, 2, size=(103, 3)).astype(np.float32)
+    q = rng.integers(-1, 2, size=(40, 3)).astype(np.float32)
+    relevant = [rng.choice(103, size=int(rng.integers(1, 6)), replace=False) for _ in range(40)]
+    groups = rng.integers(0, 3, size=103)
+    shards = LocalShards(c, [0, 10, 11, 103], groups, count_chunk=7)
+    got = rank_block(shards, q, relevant, k=15)
+    full = q @ c.T
+    for a, b in zip(got.ranks, relevant_ranks(full, relevant)):
+        np.testing.assert_array_equal(a, b)
+    for i, rel in enumerate(relevant):
+        expected = [int((full[i][groups == groups[d]] >= full[i, d]).sum()) for d in rel]
+        assert got.group_ranks[i].tolist() == expected
+    order = np.lexsort((np.broadcast_to(np.arange(103), full.shape), -full), axis=-1)[:, :15]
+    np.testing.assert_array_equal(got.top_ids, order)
+
+
+def test_merge_top_k_pads_and_breaks_ties_by_id():
+    scores, ids = merge_top_k([np.array([[1.0, 0.5]], np.float32), np.array([[1.0]], np.float32)],
+                              [np.array([[7, 3]]), np.array([[2]])], k=4)
+    assert ids.tolist() == [[2, 7, 3, -1]] and np.isneginf(scores[0, 3])
+
+
+def test_parts_for_range_spans_files():
+    files = [("a", 4), ("b", 4), ("c", 2)]
+    assert parts_for_range(files, 3, 9) == [("a", 3, 4), ("b", 0, 4), ("c", 0, 1)]
+    assert parts_for_range(files, 0, 10) == [("a", 0, 4), ("b", 0, 4), ("c", 0, 2)]
+
+
+def store(tmp_path, name: str, emb: np.ndarray, sizes: list[int]) -> list[tuple[str, int]]:
+    """Embedding files as the encoder writes them (uneven sizes), through the storage layer."""
+    files, start = [], 0
+    for i, size in enumerate(sizes):
+        path = str(tmp_path / f"{name}-{i:05d}.npz")
+        encode._write_shard(path, {r: emb[r] for r in range(start, start + size)})
+        files.append((path, size))
+        start += size
+    assert start == len(emb)
+    return files
+
+
+@pytest.mark.parametrize("inner", SHARDINGS)
+def test_actor_shards_from_storage_equal_brute_force(ray_local, mlqa_like, tmp_path, inner):
+    q, c = tied_embeddings(mlqa_like, np.random.default_rng(11))
+    n, nq = len(c), len(q)
+    cand_files = store(tmp_path, "candidates", c, [5, n - 5 - 9, 9])  # shards cut across files
+    query_files = store(tmp_path, "queries", q, [nq - 3, 3])
+    bounds = None if inner is None else inner + [n]
+    result = evaluate_lareqa_stored(mlqa_like, query_files, cand_files, top_k=20, chunk_size=8, shard_bounds=bounds)
+    assert_same(result, brute_force(mlqa_like, q, c, top_k=20))
+
+
+def test_xquad_r_test_split(ray_local, xquad_r_dir, tmp_path):
+    """The real XQuAD-R test articles (11 relevant per query), random float embeddings, 3 actors."""
+    corpus = read_lareqa_dir(xquad_r_dir, Config().data.languages)
+    data = Config().data
+    corpus = corpus.subset(split_groups(corpus.groups, data.validation_fraction, data.test_fraction)["test"])
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((corpus.questions.num_rows, 16)).astype(np.float32)
+    c = rng.standard_normal((corpus.candidates.num_rows, 16)).astype(np.float32)
+    n = len(c)
+    cand_files = store(tmp_path, "candidates", c, [1000, 1000, n - 2000])
+    query_files = store(tmp_path, "queries", q, [len(q)])
+    result = evaluate_lareqa_stored(corpus, query_files, cand_files, top_k=10, shard_bounds=[0, 700, 1900, n])
+    expected = brute_force(corpus, q, c, top_k=10)
+    assert result["summary"]["multilingual"]["num_pairs"] == 11
+    assert_same(result, expected)
