@@ -86,18 +86,32 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     texts_c = corpus.candidates.column("text").to_pylist()
     key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), name,
                      resolve_split(resolve_dataset(name, config.data.source_dir), config), str(len(texts_q)), str(len(texts_c)), *([e.fast_path] if e.fast_path else []))
-    emb_dir = work_dir / "embeddings" / f"{Path(str(name)).name}-{key}"
+    ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
+    emb_dir = _embeddings_dir(work_dir, f"{Path(str(name)).name}-{key}", config)
     common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
                   fast_path=e.fast_path,
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
-    ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
     q_files = encode_to_storage(texts_q, "query", name="queries", **common)
     c_files = encode_to_storage(texts_c, "passage", name="candidates", **common)
     # Index-shard actors load the candidate files; the driver only streams the query files.
     use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
     return evaluate_lareqa_stored(corpus, q_files, c_files, num_shards=min(e.num_shards, len(texts_c)),
                                   top_k=e.top_k, use_gpu=use_gpu, cpus_per_shard=cpus)
+
+
+def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
+    """Where the embedding files go: the work directory on one node; on a multi-node cluster the
+    run's storage (train.storage_path: s3://, gs:// or NFS), where the index-shard actors on the
+    other nodes read them (a local work directory exists on the driver's node only)."""
+    from raysys.artifacts import check_shared, storage_root
+    from raysys.runtime import is_multi_node
+
+    if storage.is_remote(str(work_dir)) or not is_multi_node():
+        return storage.join(str(work_dir), "embeddings", leaf)
+    root = storage_root(config)
+    check_shared(root)
+    return storage.join(root, "embeddings", leaf)
 
 
 def _shard_resources(e, use_gpu: bool) -> tuple[bool, int]:
