@@ -55,7 +55,7 @@ def cmd_train(args) -> None:
                             [f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]) for key, _ in shown]],
                            text_cols=0) if shown else ""
     print_summary("train", time.perf_counter() - started, [describe_training(config)],
-                  {"final checkpoint": outcome.checkpoint_path, "exported model": outcome.model_path,
+                  {"best checkpoint" if config.train.export_best_model else "final checkpoint": outcome.checkpoint_path, "exported model": outcome.model_path,
                    "run": outcome.run_path}, table)
 
 

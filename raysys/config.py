@@ -90,7 +90,16 @@ class TrainConfig:
     checkpoint_every: int = 30  # steps; a checkpoint is also written at the end
     eval_every: int = 30  # steps between validation-loss evaluations
     val_retrieval: bool = False  # also validation mAP (mono/cross/multi) on the validation pairs
-    keep_checkpoints: int = 2  # best K by validation loss
+    keep_checkpoints: int = 2  # best K by metric_for_best_model (the latest is kept too)
+    # Model selection, with Hugging Face Trainer's names (raysys.train.selection): the validation
+    # metric that ranks checkpoints: val_loss | val_accuracy | val_map_mono | val_map_cross |
+    # val_map_multi | val_map_mean | val_rank_distance (val_map_* and rank distance turn validation
+    # retrieval on; loss and rank distance: lower is better).
+    metric_for_best_model: str = "val_loss"
+    # The run's model (its export, what eval/demo/reproduce use) is the best checkpoint's instead
+    # of the last one's; an evaluation that improves the metric also writes a checkpoint.
+    export_best_model: bool = False
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
     log_every: int = 5
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
     storage_path: str | None = None  # local dir, NFS or s3://; default: <output_dir>/ray
@@ -219,6 +228,14 @@ class Config:
             raise fail("train.weight_decay", f"{t.weight_decay} is negative", "use 0 or more, e.g. 0.01")
         if t.cpus_per_worker < 0:
             raise fail("train.cpus_per_worker", f"{t.cpus_per_worker} is negative", "use 0 or more, e.g. 0.5")
+        from raysys.train.selection import SELECTION_METRICS
+
+        if t.metric_for_best_model not in SELECTION_METRICS:
+            raise fail("train.metric_for_best_model", f"unknown validation metric {t.metric_for_best_model!r}",
+                       f"use one of {', '.join(SELECTION_METRICS)}")
+        if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+            raise fail("train.early_stopping_patience", f"{t.early_stopping_patience} is below 1",
+                       "use a positive number of evaluations, or null for no early stopping")
         if t.logger not in (None, "tensorboard", "mlflow"):
             raise fail("train.logger", f"unknown logger {t.logger!r}", "use tensorboard, mlflow or null")
         if self.data.hard_negatives not in (None, "paragraph"):

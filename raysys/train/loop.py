@@ -22,10 +22,11 @@ from raysys.errors import RaysysError
 from raysys.model.encoder import BiEncoder, EncoderSettings
 from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report,
                                      usable_checkpoint)
-from raysys.train.collectives import all_reduce_min, mean_over_ranks_each
+from raysys.train.collectives import all_reduce_max, all_reduce_min, mean_over_ranks_each
 from raysys.train.datasets import rows_for_rank
 from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
 from raysys.train.metrics_logger import MetricsLogger
+from raysys.train.selection import BestModel, needs_retrieval
 from raysys.train.step import train_step
 from raysys.train.validation import validation_batches, validation_loss, validation_retrieval
 
@@ -90,16 +91,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         global_step, history = state["global_step"], state["history"]
         restores = state.get("restores", 0) + 1
     kinds = Counter(history["kinds"])
+    best = BestModel.from_state(state.get("best_model") if checkpoint is not None else None,
+                                t.metric_for_best_model, t.early_stopping_patience)
     logger = MetricsLogger(config, rank, ctx.get_experiment_name(), loop_config.get("storage_root"))
 
     # ---- steps --------------------------------------------------------------------------------
     pairs_done, window_start = 0, time.perf_counter()
     pending_losses: list = []  # this rank's losses since the last report, on the device
+    last = False
     micro_step = global_step * accumulation  # checkpoints are taken at optimizer-step boundaries
     for epoch in range(micro_step // max(steps_per_epoch, 1), t.epochs):
         start = micro_step - epoch * steps_per_epoch
         for _, batch in batcher.epoch(epoch, steps_per_epoch, start_step=start):
-            if global_step >= total_steps:
+            if last or global_step >= total_steps:
                 break
             lr = engine.get_lr()[0]  # what this batch's update applies (the scheduler moves at a boundary)
             # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
@@ -114,9 +118,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 continue
             global_step += 1
             last = global_step >= total_steps
-            checkpointing = global_step % t.checkpoint_every == 0 or last
+            validating = global_step % t.eval_every == 0 or global_step % t.checkpoint_every == 0 or last
             logging = global_step % t.log_every == 0 or last
-            if not (logging or checkpointing or global_step % t.eval_every == 0):
+            if not (logging or validating):
                 continue
             history["loss"] += mean_over_ranks_each(pending_losses)  # per micro-step; one collective
             pending_losses = []
@@ -124,12 +128,24 @@ def train_loop_per_worker(loop_config: dict) -> None:
                        "train_accuracy": accuracy.item(), "lr": lr,
                        "mono_steps": kinds[MONO], "cross_steps": kinds[CROSS],
                        "total_steps": total_steps}  # for the driver's progress display
-            # Checkpoints are ranked by a validation loss of their own step, so validate there too.
-            if global_step % t.eval_every == 0 or checkpointing:
+            improved = False
+            # Checkpoints are ranked by a validation metric of their own step, so validate there too.
+            if validating:
                 if val_batches:
                     metrics.update(validation_loss(engine, val_batches, t.temperature))
-                if t.val_retrieval and val_rows is not None:
+                if needs_retrieval(t) and val_rows is not None:
                     metrics.update(validation_retrieval(engine, val_rows))
+                if t.metric_for_best_model in metrics:
+                    # The metrics are rank-averaged, so every rank decides alike; the collective makes sure.
+                    improved = bool(all_reduce_max(int(best.update(metrics[t.metric_for_best_model], global_step))))
+                    if all_reduce_max(int(best.should_stop)) and not last:
+                        last = True
+                        metrics["early_stopped"] = True
+                        print(f"[raysys] early stopping at step {global_step}: {t.metric_for_best_model} has not "
+                              f"improved for {best.evaluations_since_best} evaluations (best "
+                              f"{best.best:.4f} at step {best.best_step})", flush=True)
+                metrics["best_step"] = best.best_step if best.best_step is not None else global_step
+            checkpointing = global_step % t.checkpoint_every == 0 or last or (t.export_best_model and improved)
             if logging:
                 metrics["pairs_per_s"] = pairs_done / max(time.perf_counter() - window_start, 1e-9)
                 pairs_done, window_start = 0, time.perf_counter()
@@ -137,12 +153,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if checkpointing:
                 metrics.setdefault("val_loss", metrics["loss"])  # no validation split: rank by training loss
                 state = {"global_step": global_step, "world_size": world, "val_loss": metrics["val_loss"],
-                         "seed": config.seed,
+                         "seed": config.seed, "finished": last, "best_model": best.to_state(),
                          "config": config.to_dict(), "metrics": metrics, "history": history, "restores": restores}
                 logger.sync()
-                save_and_report(engine, state, metrics, export=last)
+                save_and_report(engine, state, metrics, export=last or (t.export_best_model and improved))
             elif logging:
                 ray.train.report(metrics)
+        if last:
+            break
     logger.close()
 
 

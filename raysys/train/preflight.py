@@ -24,6 +24,7 @@ def preflight(config: Config, facts: dict, model_path: str | Path) -> int:
     total = total_optimizer_steps(config, facts)
     check_precision(config)
     check_logger(config)
+    check_selection(config, facts)
     check_lengths(config, model_path)
     check_resume(config, total)
     return total
@@ -91,6 +92,19 @@ def check_precision(config: Config) -> None:
 def check_logger(config: Config) -> None:
     if config.train.logger == "mlflow" and importlib.util.find_spec("mlflow") is None:
         raise config._fail("train.logger", "mlflow is not installed", "pip install mlflow, or use tensorboard")
+
+
+def check_selection(config: Config, facts: dict) -> None:
+    """Selecting or stopping on a validation metric needs validation articles to compute it on."""
+    t = config.train
+    if "validation" in facts.get("splits", ["validation"]):  # facts without splits: nothing known to check
+        return
+    for key, active in (("metric_for_best_model", t.metric_for_best_model != "val_loss"),
+                        ("export_best_model", t.export_best_model),
+                        ("early_stopping_patience", t.early_stopping_patience is not None)):
+        if active:
+            raise config._fail(f"train.{key}", f"train.{key} needs validation data, but this training data "
+                               "has no validation split", "set data.validation_fraction above 0")
 
 
 def position_limit(model_path: str | Path) -> int | None:

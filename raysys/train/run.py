@@ -19,15 +19,16 @@ from raysys.model.default import resolve_model_path
 from raysys.model.encoder import check_model
 from raysys.runtime import ensure_ray
 from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
-from raysys.train.checkpoint import EXPORT_DIR, checkpoint_uri
+from raysys.train.checkpoint import EXPORT_DIR, checkpoint_uri, read_state
 from raysys.train.host_memory import worker_env_vars
 from raysys.train.loop import train_loop_per_worker
 from raysys.train.preflight import preflight
+from raysys.train.selection import score_order, selected_checkpoint
 
 
 @dataclass
 class TrainOutcome:
-    checkpoint_path: str  # the final checkpoint (DeepSpeed shards + state + exported model)
+    checkpoint_path: str  # the selected checkpoint (the final one, or the best): DeepSpeed shards + state + export
     model_path: str  # the exported HF / sentence-transformers directory
     metrics: dict
     run_path: str
@@ -83,8 +84,9 @@ def build_trainer(config: Config, *, callbacks: list | None = None,
             name=run_name(config), callbacks=callbacks, **ray_storage(root),
             logging_config=train_logging_config(),  # Ray Train's INFO lines only with --verbose
             worker_runtime_env={"env_vars": worker_env_vars(t)},  # merged into the job's runtime_env
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints, checkpoint_score_attribute="val_loss",
-                                               checkpoint_score_order="min"),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                               checkpoint_score_attribute=t.metric_for_best_model,
+                                               checkpoint_score_order=score_order(t.metric_for_best_model)),
             failure_config=FailureConfig(max_failures=t.max_failures)),
         datasets=datasets,
         # Every worker streams the whole dataset and keeps the parallel ids that hash to it
@@ -99,7 +101,9 @@ def train(config: Config, *, callbacks: list | None = None,
     result = build_trainer(config, callbacks=callbacks, train_loop=train_loop).fit()
     if result.error:
         raise result.error
-    checkpoint = checkpoint_uri(result.checkpoint)  # with its scheme: s3://bucket/run/checkpoint_x
-    return TrainOutcome(checkpoint_path=checkpoint, model_path=storage.join(checkpoint, EXPORT_DIR),
-                        metrics=dict(result.metrics or {}),
+    # With its scheme (s3://bucket/run/checkpoint_x); the best one's under train.export_best_model.
+    final = checkpoint_uri(result.checkpoint)
+    checkpoint = selected_checkpoint(final, config.train.export_best_model)
+    metrics = dict(result.metrics or {}) if checkpoint == final else read_state(checkpoint)["metrics"]
+    return TrainOutcome(checkpoint_path=checkpoint, model_path=storage.join(checkpoint, EXPORT_DIR), metrics=metrics,
                         run_path=storage.to_uri(getattr(result, "filesystem", None), result.path))

@@ -25,6 +25,7 @@ from raysys.eval.report import write_comparison
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
 from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
+from raysys.train.selection import selected_checkpoint
 from raysys.runtime import ensure_ray
 from raysys.summary import headline_table, print_summary
 from raysys.train.progress import train_with_progress as train  # train() with the driver's progress display
@@ -129,10 +130,11 @@ def finished_run_model(config: Config) -> str | None:
                 state = verify_checkpoint(uri)
             except RaysysError:  # incomplete (interrupted mid-write): not a finished run
                 continue
-            model = storage.join(uri, EXPORT_DIR)
-            if (state["global_step"] == config.train.max_steps and storage.is_file(storage.join(model, "config.json"))
+            # Finished: the last step (a run stopped early records it), with its model exported.
+            finished = state.get("finished") or state["global_step"] == config.train.max_steps
+            if (finished and storage.is_file(storage.join(uri, EXPORT_DIR, "config.json"))
                     and learned_settings(state["config"]) == wanted):
-                return model
+                return storage.join(selected_checkpoint(uri, config.train.export_best_model), EXPORT_DIR)
     return None
 
 

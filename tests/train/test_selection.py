@@ -1,0 +1,76 @@
+"""Model selection: the best checkpoint by a validation metric becomes the run's model, and early
+stopping ends a run whose metric stopped improving (raysys.train.selection)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from raysys.config import Config
+from raysys.errors import ConfigError
+from raysys.train.checkpoint import EXPORT_DIR, read_state
+from raysys.train.preflight import check_selection
+from raysys.train.selection import BestModel, score_order, selected_checkpoint
+
+pytestmark = pytest.mark.timeout(900)
+
+
+@pytest.mark.parametrize("metric,values,best_step,since", [
+    ("val_loss", [2.0, 1.5, 1.7, 1.5], 2, 2),  # lower is better; an equal value is no improvement
+    ("val_map_mean", [0.5, 0.4, 0.6, 0.6], 3, 1),  # higher is better
+    ("val_rank_distance", [300.0, 120.0, 125.0], 2, 1)])
+def test_best_model_follows_the_metric_direction(metric, values, best_step, since):
+    best = BestModel(metric, patience=2)
+    improved = [best.update(v, step) for step, v in enumerate(values, start=1)]
+    assert improved[0] and best.best_step == best_step and best.evaluations_since_best == since
+    assert best.should_stop == (since >= 2)
+    assert score_order(metric) == ("min" if metric != "val_map_mean" else "max")
+    restored = BestModel.from_state(json.loads(json.dumps(best.to_state())), metric, patience=2)
+    assert restored == best
+    assert BestModel.from_state(best.to_state(), "val_accuracy", None).best is None  # another metric: afresh
+
+
+def test_selection_settings_are_checked():
+    with pytest.raises(ConfigError, match="unknown validation metric 'val_mrr'") as err:
+        Config.from_yaml(None, ["train.metric_for_best_model=val_mrr"])
+    assert err.value.field == "train.metric_for_best_model"
+    with pytest.raises(ConfigError, match="below 1"):
+        Config.from_yaml(None, ["train.early_stopping_patience=0"])
+    no_validation = {"splits": ["train"]}
+    for override in ("train.export_best_model=true", "train.early_stopping_patience=3",
+                     "train.metric_for_best_model=val_map_mean"):
+        with pytest.raises(ConfigError, match="no validation split") as err:
+            check_selection(Config.from_yaml(None, [override, "data.validation_fraction=0"]), no_validation)
+        assert err.value.field == override.split("=")[0]
+    check_selection(Config.from_yaml(None, ["train.export_best_model=true"]), {"splits": ["train", "validation"]})
+
+
+def test_early_stopping_exports_the_best_checkpoint(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+    """A learning rate far below one ulp of the weights keeps them (and so every validation score)
+    unchanged: the first evaluation is the best, and patience 2 stops the run at the third."""
+    from raysys.train.run import train
+    from raysys.tune.reproduce import finished_run_model
+    from tests.train.test_trainer import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, "select", max_steps=20, lr=1e-30,
+                         warmup_ratio=0, eval_every=2, checkpoint_every=100, log_every=2,
+                         metric_for_best_model="val_map_mean", export_best_model="true", early_stopping_patience=2)
+    outcome = train(config)
+    assert read_state(outcome.checkpoint_path)["global_step"] == 2  # the best, not the last
+    assert outcome.model_path == f"{outcome.checkpoint_path}/{EXPORT_DIR}"
+    assert (Path(outcome.model_path) / "config.json").is_file()
+    assert outcome.metrics["step"] == 2 and 0 < outcome.metrics["val_map_mean"] <= 1
+
+    run_dir = Path(outcome.run_path)
+    checkpoints = [c for c in run_dir.glob("checkpoint_*") if c.is_dir()]
+    states = sorted((read_state(c) for c in checkpoints), key=lambda s: s["global_step"])
+    assert [s["global_step"] for s in states] == [2, 6]  # the improving evaluation, then the stop at 6 of 20
+    final = states[-1]
+    assert final["finished"] and final["metrics"]["early_stopped"]
+    assert final["best_model"] == {"metric": "val_map_mean", "patience": 2, "best": states[0]["metrics"]["val_map_mean"],
+                                   "best_step": 2, "evaluations_since_best": 2}
+    assert final["metrics"]["val_map_mean"] == states[0]["metrics"]["val_map_mean"]
+    final_dir = next(str(c) for c in checkpoints if read_state(c)["global_step"] == 6)
+    assert selected_checkpoint(final_dir, export_best=False) == final_dir
+    # `raysys reproduce` finds the same model again: the run stopped early, but it finished.
+    assert finished_run_model(config) == outcome.model_path
