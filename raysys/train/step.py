@@ -69,7 +69,8 @@ def mini_batch_bounds(pairs: int, mini_batch_size: int) -> list[tuple[int, int]]
 
 def cached_step(engine, batch, train: TrainConfig, seed: int):
     pairs, has_negatives = len(batch.queries), batch.hard_negatives is not None
-    chunks = [_tokenized(engine, batch, start, stop) for start, stop in mini_batch_bounds(pairs, train.mini_batch_size)]
+    bounds = mini_batch_bounds(pairs, train.mini_batch_size)
+    chunks = [_tokenized(engine, batch, start, stop) for start, stop in bounds]
     # 1. Embeddings without a graph, mini-batch by mini-batch.
     q_parts, p_parts, n_parts = [], [], []
     with torch.no_grad():
@@ -92,7 +93,7 @@ def cached_step(engine, batch, train: TrainConfig, seed: int):
     #    gradients flow into the parameters. DeepSpeed divides by its accumulation count, which
     #    counts mini-batches, so each surrogate is scaled by the gradient-accumulation steps only.
     scale = 1.0 / train.gradient_accumulation_steps
-    for index, ((queries, candidates), (start, stop)) in enumerate(zip(chunks, mini_batch_bounds(pairs, train.mini_batch_size))):
+    for index, ((queries, candidates), (start, stop)) in enumerate(zip(chunks, bounds)):
         torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
         q, c = _embed(engine, queries, candidates)
         c_grad = p_all.grad[start:stop]
