@@ -54,9 +54,9 @@ def cmd_train(args) -> None:
     table = markdown_table([[title for _, title in shown],
                             [f"{m[key]:.4g}" if isinstance(m[key], float) else str(m[key]) for key, _ in shown]],
                            text_cols=0) if shown else ""
+    which = "best checkpoint" if config.train.export_best_model else "final checkpoint"
     print_summary("train", time.perf_counter() - started, [describe_training(config)],
-                  {"best checkpoint" if config.train.export_best_model else "final checkpoint": outcome.checkpoint_path, "exported model": outcome.model_path,
-                   "run": outcome.run_path}, table)
+                  {which: outcome.checkpoint_path, "exported model": outcome.model_path, "run": outcome.run_path}, table)
 
 
 def cmd_eval(args) -> None:
@@ -101,12 +101,12 @@ def cmd_export(args) -> None:
     """One interpolation weight: write that model. Several: evaluate each on the validation
     articles, write the curve, and keep the best as `--out`."""
     config = _config(args)
-    from raysys.eval.run import _model_dir_of
+    from raysys.eval.run import model_dir_of
     from raysys.model.interpolate import write_interpolated
     from raysys.summary import print_summary
 
     started = time.perf_counter()
-    tuned, base = _model_dir_of(args.model), args.base or config.model.name_or_path
+    tuned, base = model_dir_of(args.model), args.base or config.model.name_or_path
     weights = [float(w) for w in args.interpolate.split(",")]
     out = args.out or str(Path(config.output_dir) / "export" / f"interpolated-{'-'.join(f'{w:g}' for w in weights)}")
     if len(weights) == 1:

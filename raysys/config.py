@@ -114,11 +114,15 @@ class EvalConfig:
     # every article of any other dataset: zero-shot) | test | validation | all
     split: str = "auto"
     batch_tokens: int | None = None  # padded tokens per encoder forward; None: 1024 on CPU, 8192 on GPU
-    # None: exact fp32 | "bf16" (~3x on AVX512-BF16/AMX CPUs, no mAP lost; refused on CPUs without
+    # None: exact fp32 on CPU and GPU | "bf16" (~3x on AVX512-BF16/AMX CPUs, no mAP lost; refused on CPUs without
     # them, where it runs ~7x slower: raysys.eval.preflight) | "int8" (lossy)
     fast_path: str | None = None
     num_encoders: int = 1  # Ray Data actor-pool size
     num_shards: int = 2  # FAISS index shards
+    # Pools up to this many candidates are scored by the same shards inside the driver's process
+    # when Ray runs on one node without GPU shards (no actor start-up; XQuAD-R: 13k); larger
+    # pools, multi-node clusters and GPU shards use index-shard actors. 0: always actors.
+    in_process_max_candidates: int = 100_000
     top_k: int = 100
     bootstrap_samples: int = 1000
     max_length: int = 256
@@ -263,6 +267,9 @@ class Config:
         e = self.eval
         if e.split not in ("auto", "test", "validation", "all"):
             raise fail("eval.split", f"unknown split {e.split!r}", "use auto, test, validation or all")
+        if e.in_process_max_candidates < 0:
+            raise fail("eval.in_process_max_candidates", f"{e.in_process_max_candidates} is negative",
+                       "use 0 (always index-shard actors) or a candidate count")
         for key in ("batch_tokens", "num_encoders", "num_shards", "top_k", "max_length"):
             if getattr(e, key) is not None and getattr(e, key) < 1:
                 raise fail(f"eval.{key}", f"{getattr(e, key)} is below 1", "use a positive integer")

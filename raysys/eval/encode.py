@@ -9,8 +9,9 @@ NumPy shards with their row ids (`<name>-00000.npz`), atomically; shards already
 encoded the same way (`fast_path`), are not encoded again.
 
 `fast_path` (opt-in, approximate): "bf16" runs the backbone in bfloat16 (CPUs with AVX512-BF16
-or AMX, and GPUs; on GPUs bf16 is already the default), "int8" applies PyTorch dynamic int8
-quantization (per-channel weights) to every Linear layer (CPU only). None: exact fp32 on CPU.
+or AMX, and GPUs), "int8" applies PyTorch dynamic int8 quantization (per-channel weights) to
+every Linear layer (CPU only). None: exact fp32, on CPUs and GPUs alike, so a GPU evaluation
+scores what a CPU one does (the embedding cache key records device and precision).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def apply_fast_path(model: BiEncoder, fast_path: str | None, device: torch.devic
 
 
 class EncoderActor:
-    """Ray Data callable class: model loaded once per actor, inference mode, bf16 on GPU."""
+    """Ray Data callable class: model loaded once per actor, inference mode (fp32 unless a fast path)."""
 
     def __init__(self, model_path: str, settings: dict, batch_tokens: int | None = None, threads: int | None = None,
                  fast_path: str | None = None):
@@ -84,8 +85,7 @@ class EncoderActor:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-        self.model = BiEncoder.from_pretrained(model_path, EncoderSettings(**settings), torch_dtype=dtype)
+        self.model = BiEncoder.from_pretrained(model_path, EncoderSettings(**settings))
         self.model.to(self.device).eval()
         apply_fast_path(self.model, fast_path, self.device)
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS)
@@ -163,53 +163,81 @@ def token_budget_chunks(lengths: list[int], batch_tokens: int) -> list[list[int]
 
 def encode_texts(texts: list[str], kind: str | list[str], **kwargs) -> np.ndarray:
     """`encode_to_storage`, then the embeddings read back as one [N, d] array (row i -> text i)."""
-    files = encode_to_storage(texts, kind, **kwargs)
+    return read_embeddings(encode_to_storage(texts, kind, **kwargs))
+
+
+def read_embeddings(files: list[tuple[str, int]]) -> np.ndarray:
+    """The [N, d] embeddings of shard files [(uri, rows)] in order (what the encoder returned)."""
     return np.concatenate([_load_shard(p)["embedding"] for p, _ in files]) if files else np.zeros((0, 0))
 
 
-def encode_to_storage(texts: list[str], kind: str | list[str], *, model_path: str, settings: EncoderSettings,
-                      out_dir: str | os.PathLike, name: str, shard_size: int = 4096, batch_tokens: int | None = None,
-                      num_encoders: int = 1, use_gpu: bool = False, threads: int | None = None,
-                      progress: bool = True, fast_path: str | None = None) -> list[tuple[str, int]]:
-    """Encode `texts` (row i -> embedding i) into shard files under `out_dir`, reusing shards
-    already there; returns [(uri, rows)] in row order. Nothing but these names comes back.
+def encode_to_storage(texts: list[str], kind: str | list[str], *, name: str, **kwargs) -> list[tuple[str, int]]:
+    """Encode `texts` (row i -> embedding i) into shard files `<out_dir>/<name>-NNNNN.npz`, reusing
+    shards already there; returns [(uri, rows)] in row order (see `encode_sets`)."""
+    return encode_sets({name: (texts, kind)}, **kwargs)[name]
 
-    batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU).
-    One actor batch is one shard, so with `num_encoders` actors up to that many shards are
-    encoded at once. `fast_path` ("bf16", "int8"; None = exact) is recorded in each shard, and a
-    shard encoded another way is encoded again."""
+
+def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_path: str, settings: EncoderSettings,
+                out_dir: str | os.PathLike, shard_size: int = 4096, batch_tokens: int | None = None,
+                num_encoders: int = 1, use_gpu: bool = False, threads: int | None = None,
+                progress: bool = True, fast_path: str | None = None) -> dict[str, list[tuple[str, int]]]:
+    """Encode several named text sets {name: (texts, kind or kinds)} in one Ray Data pipeline (one
+    actor pool start and model load for all, e.g. queries and candidates) into shard files under
+    `out_dir`, reusing shards already there; returns {name: [(uri, rows)]} in row order. Nothing
+    but these names comes back.
+
+    batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU). Actor batches
+    hold `shard_size` rows, so with `num_encoders` actors about that many shards are encoded at
+    once. `fast_path` ("bf16", "int8"; None = exact) is recorded in each shard, and a shard
+    encoded another way is encoded again."""
     fast_path = check_fast_path(fast_path)
     out_dir = str(out_dir)  # a local path or a storage URI (raysys.storage)
     storage.makedirs(out_dir)
-    kinds = [kind] * len(texts) if isinstance(kind, str) else list(kind)
-    if len(kinds) != len(texts):
-        raise ValueError(f"{len(kinds)} kinds for {len(texts)} texts")
-    shard_paths = [storage.join(out_dir, f"{name}-{i:05d}.npz") for i in range(-(-len(texts) // shard_size))]
-    missing = [i for i, p in enumerate(shard_paths) if not _valid_shard(p, i, shard_size, len(texts), fast_path)]
-    if missing:
-        # Shard by shard (only the last shard can be short, and it comes last), so every actor
-        # batch of shard_size rows is exactly one shard; the actor sorts it by token length.
-        rows = np.concatenate([np.arange(i * shard_size, min((i + 1) * shard_size, len(texts))) for i in missing])
-        table = pa.table({"row": rows, "text": [texts[r] for r in rows], "kind": [kinds[r] for r in rows]})
+    shards: list[tuple[str, int, int]] = []  # (name, first row, rows) of every shard of every set
+    rows, texts, kinds = [], [], []  # of the missing shards, in order; row ids are global (set offset + row)
+    offsets, offset = {}, 0
+    for name, (set_texts, kind) in sets.items():
+        set_kinds = [kind] * len(set_texts) if isinstance(kind, str) else list(kind)
+        if len(set_kinds) != len(set_texts):
+            raise ValueError(f"{len(set_kinds)} kinds for {len(set_texts)} texts")
+        offsets[name] = offset
+        for i in range(-(-len(set_texts) // shard_size)):
+            first, count = i * shard_size, _shard_len(i, shard_size, len(set_texts))
+            shards.append((name, first, count))
+            if not _valid_shard(_shard_path(out_dir, name, i), i, shard_size, len(set_texts), fast_path):
+                rows.extend(range(offset + first, offset + first + count))
+                texts.extend(set_texts[first:first + count])
+                kinds.extend(set_kinds[first:first + count])
+        offset += len(set_texts)
+    if rows:
+        table = pa.table({"row": np.array(rows, dtype=np.int64), "text": texts, "kind": kinds})
         ds = ray.data.from_arrow(table).map_batches(
             EncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
                                                  "batch_tokens": batch_tokens, "threads": threads,
                                                  "fast_path": fast_path},
             batch_size=shard_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
-        pending: dict[int, dict[int, np.ndarray]] = {i: {} for i in missing}
-        bar = Progress(f"encode {name}", len(rows), "texts", mode=None if progress else "off")
+        # global first row of each missing shard -> its rows so far (written when complete)
+        starts = np.array([offsets[n] + first for n, first, _ in shards])
+        pending: dict[int, dict[int, np.ndarray]] = {}
+        bar = Progress(f"encode {'+'.join(sets)}", len(rows), "texts", mode=None if progress else "off")
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for row, emb in zip(batch["row"], batch["embedding"]):
-                shard = int(row) // shard_size
-                pending[shard][int(row)] = emb
-                if len(pending[shard]) == _shard_len(shard, shard_size, len(texts)):
-                    _write_shard(shard_paths[shard], pending.pop(shard), fast_path)
+                s = int(np.searchsorted(starts, row, side="right")) - 1
+                name, first, count = shards[s]
+                pending.setdefault(s, {})[int(row) - offsets[name]] = emb
+                if len(pending[s]) == count:
+                    _write_shard(_shard_path(out_dir, name, first // shard_size), pending.pop(s), fast_path)
             bar.advance(len(batch["row"]))
         bar.close()
         if pending:  # an actor returned fewer rows than it was given: never silently short
-            raise RuntimeError(f"encode {name}: shards {sorted(pending)} came back incomplete")
-    return [(p, _shard_len(i, shard_size, len(texts))) for i, p in enumerate(shard_paths)]
+            raise RuntimeError(f"encode: shards {sorted(_shard_path(out_dir, shards[s][0], shards[s][1] // shard_size) for s in pending)} came back incomplete")
+    return {name: [(_shard_path(out_dir, n, first // shard_size), count) for n, first, count in shards if n == name]
+            for name in sets}
+
+
+def _shard_path(out_dir: str, name: str, shard: int) -> str:
+    return storage.join(out_dir, f"{name}-{shard:05d}.npz")
 
 
 def _shard_len(shard: int, shard_size: int, total: int) -> int:

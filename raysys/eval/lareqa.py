@@ -40,13 +40,15 @@ def evaluate_lareqa(corpus: LareqaCorpus, query_emb: np.ndarray, cand_emb: np.nd
 def evaluate_lareqa_stored(corpus: LareqaCorpus, query_files: Sequence[tuple[str, int]],
                            cand_files: Sequence[tuple[str, int]], *, num_shards: int = 1, top_k: int = 100,
                            chunk_size: int = 512, use_gpu: bool = False, cpus_per_shard: int = 1,
-                           shard_bounds: Sequence[int] | None = None) -> dict:
+                           shard_bounds: Sequence[int] | None = None, in_process: bool = False) -> dict:
     """Embeddings in storage [(uri, rows)] (`raysys.eval.encode.encode_to_storage`): one Ray actor
-    per index shard loads its candidate range; the driver streams the query files block by block."""
+    per index shard loads its candidate range (`in_process`: the same shards in this process, for
+    small pools); the driver streams the query files block by block."""
     total = sum(n for _, n in cand_files)
     bounds = balanced_bounds(total, num_shards) if shard_bounds is None else shard_bounds
-    shards = ActorShards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
-                         cpus_per_shard=cpus_per_shard)
+    shards = (LocalShards.from_files(cand_files, bounds, _candidate_groups(corpus)) if in_process else
+              ActorShards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
+                          cpus_per_shard=cpus_per_shard))
     try:
         return _evaluate(corpus, shards, stored_blocks(query_files, chunk_size), top_k)
     finally:

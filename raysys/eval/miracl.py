@@ -151,6 +151,13 @@ def check_qrels_against_corpus(qrels: dict[str, dict[str, int]], corpus_ids: Ite
                     file=str(qrels_path), field="docid", hint="check that this is the qrels file that was read")
 
 
+def trec_run(qids: list[str], run: dict[str, list[str]], scores: np.ndarray, tag: str) -> str:
+    """A TREC run file (`qid Q0 docid rank score tag`, as trec_eval and ir_measures read it)."""
+    tag = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in tag)
+    return "".join(f"{qid} Q0 {docid} {rank} {score:.6f} {tag}\n"
+                   for qid, row in zip(qids, scores) for rank, (docid, score) in enumerate(zip(run[qid], row), start=1))
+
+
 def score_run(run: dict[str, list[str]], qrels: dict[str, dict[str, int]], k_ndcg: int = 10,
               k_recall: int = 100) -> dict:
     """Score ranked docid lists against qrels.

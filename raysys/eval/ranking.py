@@ -8,8 +8,9 @@ first, then relevant ones by ascending id, so for relevant d of a query with rel
     rank(d) = #{j : s_j > s_d} + #{j : s_j == s_d} - #{e in R : s_e == s_d, e > d};
 in its group alone (the query's one relevant candidate of that language, LAReQA pairs)
     group_rank(d) = #{j in group(d) : s_j >= s_d}.
-Shards are in-process objects (`LocalShards`, arrays already in memory) or Ray actors that load
-their range of the stored embedding files themselves (`ActorShards`); both run the same code.
+Shards are in-process objects (`LocalShards`: arrays in memory, or a small pool's stored files on
+one node) or Ray actors that load their range of the stored embedding files themselves
+(`ActorShards`); all run the same code.
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ class LocalShards:
         self.shards = [IndexShard(lo, vectors=vectors[lo:hi], groups=None if groups is None else groups[lo:hi],
                                   count_chunk=count_chunk)
                        for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
+
+    @classmethod
+    def from_files(cls, files: Sequence[tuple[str, int]], bounds: Sequence[int],
+                   groups: np.ndarray | None = None) -> "LocalShards":
+        """The same shards over stored embedding files, loaded in this process (a small pool on
+        one node: no actor start-up; each shard reads only its range, as an actor would)."""
+        shards = cls.__new__(cls)
+        shards.bounds = _check_bounds(bounds, sum(n for _, n in files))
+        shards.shards = [IndexShard(int(lo), parts=parts_for_range(files, int(lo), int(hi)),
+                                    groups=None if groups is None else groups[lo:hi])
+                         for lo, hi in zip(shards.bounds[:-1], shards.bounds[1:])]
+        return shards
 
     def put(self, queries: np.ndarray):
         return queries

@@ -41,8 +41,11 @@ def write_report(results: dict[str, dict], out_dir, title: str = "raysys evaluat
     atomic_write(paths["metrics.json"], _to_json(metrics))
     atomic_write(paths["summary.md"], f"# {title}\n\n{format_summary_table(results)}")
     for name, result in results.items():
-        if not is_lareqa(result):
-            continue  # MIRACL-style: its per-language table is in summary.md
+        if not is_lareqa(result):  # MIRACL-style: its per-language table is in summary.md; TREC runs here
+            for lang, text in result.get("trec_run", {}).items():
+                path = atomic_write(out / f"run_{_safe_name(name)}_{_safe_name(lang)}.trec", text)
+                paths[path.name] = path
+            continue
         safe = _safe_name(name)
         q_langs, c_langs, matrix = pair_matrix(result["pairs"])
         files = {kind: out / f"{kind}_{safe}.{'csv' if kind == 'pairs' else 'png'}"

@@ -23,11 +23,11 @@ from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import split_groups
 from raysys.errors import ConfigError
-from raysys.eval.encode import encode_texts, encode_to_storage
+from raysys.eval.encode import encode_sets, read_embeddings
 from raysys.eval.lareqa import evaluate_lareqa_stored
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import EncoderSettings
-from raysys.runtime import ensure_ray
+from raysys.runtime import ensure_ray, is_multi_node
 
 
 def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSettings:
@@ -61,6 +61,12 @@ def resolve_split(location, config: Config) -> str:
     return "test" if here.resolve() == trained_on.resolve() or here.name == trained_on.name else "all"
 
 
+def encoding_mode(config: Config) -> str:
+    """Device and precision of the encoding, part of the embedding cache key: embeddings from a GPU
+    or a fast path are never reused for another mode (exact fp32 is the default on every device)."""
+    return f"{'gpu' if config.train.use_gpu else 'cpu'}-{config.eval.fast_path or 'fp32'}"
+
+
 def _cache_key(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
@@ -85,19 +91,20 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     texts_q = corpus.questions.column("text").to_pylist()
     texts_c = corpus.candidates.column("text").to_pylist()
     key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), name,
-                     resolve_split(resolve_dataset(name, config.data.source_dir), config), str(len(texts_q)), str(len(texts_c)), *([e.fast_path] if e.fast_path else []))
+                     resolve_split(resolve_dataset(name, config.data.source_dir), config), str(len(texts_q)), str(len(texts_c)), encoding_mode(config))
     ensure_ray()  # only now: bad data above fails in seconds, without starting Ray
     emb_dir = _embeddings_dir(work_dir, f"{Path(str(name)).name}-{key}", config)
     common = dict(model_path=model_path, settings=settings, out_dir=emb_dir, batch_tokens=e.batch_tokens,
                   fast_path=e.fast_path,
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
-    q_files = encode_to_storage(texts_q, "query", name="queries", **common)
-    c_files = encode_to_storage(texts_c, "passage", name="candidates", **common)
+    files = encode_sets({"queries": (texts_q, "query"), "candidates": (texts_c, "passage")}, **common)
+    q_files, c_files = files["queries"], files["candidates"]
     # Index-shard actors load the candidate files; the driver only streams the query files.
     use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
+    in_process = not use_gpu and len(texts_c) <= e.in_process_max_candidates and not is_multi_node()
     return evaluate_lareqa_stored(corpus, q_files, c_files, num_shards=min(e.num_shards, len(texts_c)),
-                                  top_k=e.top_k, use_gpu=use_gpu, cpus_per_shard=cpus)
+                                  top_k=e.top_k, use_gpu=use_gpu, cpus_per_shard=cpus, in_process=in_process)
 
 
 def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
@@ -105,7 +112,6 @@ def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
     run's storage (train.storage_path: s3://, gs:// or NFS), where the index-shard actors on the
     other nodes read them (a local work directory exists on the driver's node only)."""
     from raysys.artifacts import check_shared, storage_root
-    from raysys.runtime import is_multi_node
 
     if storage.is_remote(str(work_dir)) or not is_multi_node():
         return storage.join(str(work_dir), "embeddings", leaf)
@@ -130,8 +136,6 @@ def _encoder_threads(e) -> int:
     driver's machine (on a cluster the driver sits on a head with no CPUs for work)."""
     import ray
 
-    from raysys.runtime import ensure_ray, is_multi_node
-
     ensure_ray()
     cpus = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
     if not cpus:
@@ -145,11 +149,12 @@ def _encoder_threads(e) -> int:
 def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
                             progress: bool = True) -> dict:
     from raysys.eval.index import ShardedIndex
-    from raysys.eval.miracl import check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run
+    from raysys.eval.miracl import (check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run,
+                                    trec_run)
 
     settings = encoder_settings(config)
     e = config.eval
-    out = {"per_language": {}}
+    out = {"per_language": {}, "trec_run": {}}  # the runs are written beside the report (write_report)
     langs = sorted(d.name for d in root.iterdir() if (d / "topics.tsv").exists())
     if not langs:
         raise ConfigError(f"{root}: no <lang>/topics.tsv found (expected topics.tsv, qrels.tsv, corpus.jsonl per language)")
@@ -159,18 +164,20 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         check_qrels_against_corpus(qrels, set(corpus), root / lang / "qrels.tsv")
         docids, qids = list(corpus), list(topics)
         key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), str(root),
-                         lang, str(len(docids)), str(len(qids)), *([e.fast_path] if e.fast_path else []))
+                         lang, str(len(docids)), str(len(qids)), encoding_mode(config))
         common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
                       batch_tokens=e.batch_tokens, fast_path=e.fast_path, num_encoders=e.num_encoders,
                       use_gpu=config.train.use_gpu,
                       threads=_encoder_threads(e), progress=progress)
         ensure_ray()
-        d_emb = encode_texts([corpus[d] for d in docids], "passage", name="corpus", **common)
-        q_emb = encode_texts([topics[q] for q in qids], "query", name="topics", **common)
+        files = encode_sets({"corpus": ([corpus[d] for d in docids], "passage"),
+                             "topics": ([topics[q] for q in qids], "query")}, **common)
+        d_emb, q_emb = read_embeddings(files["corpus"]), read_embeddings(files["topics"])
         index = ShardedIndex(d_emb, num_shards=e.num_shards)
-        _, top = index.search(q_emb, min(max(100, e.top_k), len(docids)))
+        scores, top = index.search(q_emb, min(max(100, e.top_k), len(docids)))
         run = {q: [docids[i] for i in row if i >= 0] for q, row in zip(qids, top)}
         out["per_language"][lang] = score_run(run, qrels)["mean"]
+        out["trec_run"][lang] = trec_run(qids, run, scores, tag=Path(model_path).name or "raysys")
     metrics = sorted(next(iter(out["per_language"].values())))
     out["summary"] = {m: float(np.mean([v[m] for v in out["per_language"].values()])) for m in metrics}
     return out
@@ -183,7 +190,7 @@ def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os
     from raysys.model.encoder import check_model
 
     check_evaluation(datasets, config)  # every dataset (and the fast path), before any encoding
-    model = _model_dir_of(model)
+    model = model_dir_of(model)
     model_path = resolve_model_path(model)  # on this node: a storage URI is downloaded into the cache
     check_model(model_path)  # a bad model fails here, not inside the encoder actors
     # What the encoder actors load: a URI every node can resolve (a remote model as given, a local
@@ -199,7 +206,7 @@ def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os
     return results
 
 
-def _model_dir_of(model: str) -> str:
+def model_dir_of(model: str) -> str:
     """A training checkpoint directory holds its exported model in `hf_model/`."""
     from raysys.train.checkpoint import EXPORT_DIR
 

@@ -71,6 +71,30 @@ def test_resume_encodes_only_missing_or_torn_shards(encoded, tiny_model_dir):
     assert not list(out_dir.glob("*.tmp.npz"))
 
 
+def test_several_sets_in_one_pipeline(encoded, tiny_model_dir, tmp_path):
+    """Queries and candidates encoded together (one actor pool): each set's files hold exactly its
+    own rows, equal to the set encoded alone, also where an actor batch spans both sets."""
+    texts, kinds, _, emb = encoded
+    queries = [t for t, k in zip(texts, kinds) if k == "query"]  # 15 rows: shards of 5, 5, 5
+    passages = [t for t, k in zip(texts, kinds) if k == "passage"]  # 8 rows: 5 + a short 3
+    files = encode.encode_sets({"p": (passages, "passage"), "q": (queries, "query")},
+                               model_path=str(tiny_model_dir), settings=SETTINGS, out_dir=tmp_path,
+                               shard_size=SHARD, batch_tokens=64, threads=1, progress=False)
+    assert [n for _, n in files["p"]] == [5, 3] and [n for _, n in files["q"]] == [5, 5, 5]
+    assert [u.rsplit("/", 1)[-1] for u, _ in files["q"]] == ["q-00000.npz", "q-00001.npz", "q-00002.npz"]
+    is_query = np.array(kinds) == "query"
+    np.testing.assert_allclose(encode.read_embeddings(files["q"]), emb[is_query], atol=1e-5)
+    np.testing.assert_allclose(encode.read_embeddings(files["p"]), emb[~is_query], atol=1e-5)
+    mtimes = {u: (tmp_path / u.rsplit("/", 1)[-1]).stat().st_mtime_ns for u, _ in files["p"] + files["q"]}
+    (tmp_path / "q-00001.npz").unlink()  # only that shard is encoded again
+    again = encode.encode_sets({"p": (passages, "passage"), "q": (queries, "query")},
+                               model_path=str(tiny_model_dir), settings=SETTINGS, out_dir=tmp_path,
+                               shard_size=SHARD, batch_tokens=64, threads=1, progress=False)
+    assert again == files
+    changed = [u for u in mtimes if (tmp_path / u.rsplit("/", 1)[-1]).stat().st_mtime_ns != mtimes[u]]
+    assert [u.rsplit("/", 1)[-1] for u in changed] == ["q-00001.npz"]
+
+
 def _actor_embeddings(model_dir, texts, kinds, fast_path):
     actor = EncoderActor(str(model_dir), vars(SETTINGS), batch_tokens=48, threads=1, fast_path=fast_path)
     batch = {"row": np.arange(len(texts)) + 100, "text": np.array(texts, dtype=object),

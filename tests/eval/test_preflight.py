@@ -18,8 +18,7 @@ def no_encoding(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("encoding started before every dataset was checked")
 
-    monkeypatch.setattr(run, "encode_texts", forbidden)
-    monkeypatch.setattr(run, "encode_to_storage", forbidden)
+    monkeypatch.setattr(run, "encode_sets", forbidden)
     monkeypatch.setattr(run, "ensure_ray", forbidden)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from raysys.cli import main
 from raysys.config import Config
+from raysys.eval.miracl import read_qrels, score_run
 from raysys.eval.run import evaluate
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
 from tests.tiny_model import build_tiny_model
@@ -70,6 +71,18 @@ def test_cli_eval_compares_two_models(ray_local, tmp_path, tiny_model_dir, capsy
         assert 0 <= metrics[miracl]["summary"]["ndcg@10"] <= 1
         assert "recall@100" in (out / label / "summary.md").read_text()
         assert list((out / label).glob("heatmap_*.png"))
+        # TREC run files beside the report: scoring them again gives the reported metrics
+        for lang in ("de", "en"):
+            trec = [line.split() for line in next((out / label).glob(f"run_*_{lang}.trec")).read_text().splitlines()]
+            assert {row[5] for row in trec} == {"other" if label == "second" else tiny_model_dir.name}
+            run: dict[str, list[str]] = {}
+            for qid, q0, docid, rank, score, _ in trec:
+                assert q0 == "Q0" and int(rank) == len(run.setdefault(qid, [])) + 1
+                run[qid].append(docid)
+            scores = [float(row[4]) for row in trec if row[0] == "q0"]
+            assert scores == sorted(scores, reverse=True) and len(run["q0"]) == 12
+            qrels = read_qrels(Path(miracl.split(":", 1)[1]) / lang / "qrels.tsv")
+            assert score_run(run, qrels)["mean"] == pytest.approx(metrics[miracl]["per_language"][lang], abs=1e-12)
     printed = capsys.readouterr().out  # the closing summary: both runs' headline rows and the comparison's path
     lines = printed.splitlines()
     assert any(line.startswith("[eval] done in") for line in lines)
@@ -91,3 +104,12 @@ def test_auto_split_holds_out_only_the_training_dataset(tmp_path, xquad_r_dir):
     assert resolve_split(copy, config) == "test"
     explicit = Config.from_yaml(None, [f"data.train={xquad_r_dir}", "eval.split=all"])
     assert resolve_split(xquad_r_dir, explicit) == "all"
+
+
+def test_embedding_cache_key_records_device_and_precision():
+    from raysys.eval.run import encoding_mode
+
+    modes = {encoding_mode(Config.from_yaml(None, overrides)) for overrides in (
+        [], ["eval.fast_path=bf16"], ["eval.fast_path=int8"], ["train.use_gpu=true"],
+        ["train.use_gpu=true", "eval.fast_path=bf16"])}
+    assert modes == {"cpu-fp32", "cpu-bf16", "cpu-int8", "gpu-fp32", "gpu-bf16"}

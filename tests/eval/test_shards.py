@@ -151,14 +151,16 @@ def store(tmp_path, name: str, emb: np.ndarray, sizes: list[int]) -> list[tuple[
     return files
 
 
+@pytest.mark.parametrize("in_process", [False, True], ids=["actors", "in-process"])
 @pytest.mark.parametrize("inner", SHARDINGS)
-def test_actor_shards_from_storage_equal_brute_force(ray_local, mlqa_like, tmp_path, inner):
+def test_stored_shards_equal_brute_force(ray_local, mlqa_like, tmp_path, inner, in_process):
     q, c = tied_embeddings(mlqa_like, np.random.default_rng(11))
     n, nq = len(c), len(q)
     cand_files = store(tmp_path, "candidates", c, [5, n - 5 - 9, 9])  # shards cut across files
     query_files = store(tmp_path, "queries", q, [nq - 3, 3])
     bounds = None if inner is None else inner + [n]
-    result = evaluate_lareqa_stored(mlqa_like, query_files, cand_files, top_k=20, chunk_size=8, shard_bounds=bounds)
+    result = evaluate_lareqa_stored(mlqa_like, query_files, cand_files, top_k=20, chunk_size=8, shard_bounds=bounds,
+                                    in_process=in_process)
     assert_same(result, brute_force(mlqa_like, q, c, top_k=20))
 
 
