@@ -100,6 +100,10 @@ class TrainConfig:
     # of the last one's; an evaluation that improves the metric also writes a checkpoint.
     export_best_model: bool = False
     early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    # After training, interpolate the run's model with the initial one, (1 - w) x initial + w x trained
+    # (WiSE-FT; raysys.tune.interpolation): each weight is evaluated on the validation articles and
+    # the best by mean mAP becomes the run's model (curve in <run>/interpolation). None: as trained.
+    interpolate_weights: list[float] | None = None
     log_every: int = 5
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
     storage_path: str | None = None  # local dir, NFS or s3://; default: <output_dir>/ray
@@ -237,6 +241,10 @@ class Config:
         if t.metric_for_best_model not in SELECTION_METRICS:
             raise fail("train.metric_for_best_model", f"unknown validation metric {t.metric_for_best_model!r}",
                        f"use one of {', '.join(SELECTION_METRICS)}")
+        for weight in t.interpolate_weights or []:
+            if not 0.0 <= weight <= 1.0:
+                raise fail("train.interpolate_weights", f"weight {weight} is outside [0, 1]",
+                           "0 is the initial model, 1 the trained one, e.g. [0.5, 0.75, 1]")
         if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
             raise fail("train.early_stopping_patience", f"{t.early_stopping_patience} is below 1",
                        "use a positive number of evaluations, or null for no early stopping")

@@ -101,7 +101,8 @@ def check_selection(config: Config, facts: dict) -> None:
         return
     for key, active in (("metric_for_best_model", t.metric_for_best_model != "val_loss"),
                         ("export_best_model", t.export_best_model),
-                        ("early_stopping_patience", t.early_stopping_patience is not None)):
+                        ("early_stopping_patience", t.early_stopping_patience is not None),
+                        ("interpolate_weights", len(set(t.interpolate_weights or [])) > 1)):
         if active:
             raise config._fail(f"train.{key}", f"train.{key} needs validation data, but this training data "
                                "has no validation split", "set data.validation_fraction above 0")

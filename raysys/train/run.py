@@ -105,5 +105,17 @@ def train(config: Config, *, callbacks: list | None = None,
     final = checkpoint_uri(result.checkpoint)
     checkpoint = selected_checkpoint(final, config.train.export_best_model)
     metrics = dict(result.metrics or {}) if checkpoint == final else read_state(checkpoint)["metrics"]
-    return TrainOutcome(checkpoint_path=checkpoint, model_path=storage.join(checkpoint, EXPORT_DIR), metrics=metrics,
-                        run_path=storage.to_uri(getattr(result, "filesystem", None), result.path))
+    run_path = storage.to_uri(getattr(result, "filesystem", None), result.path)
+    return TrainOutcome(checkpoint_path=checkpoint, model_path=run_model(config, checkpoint, run_path),
+                        metrics=metrics, run_path=run_path)
+
+
+def run_model(config: Config, checkpoint: str, run_path: str) -> str:
+    """The run's model: the checkpoint's export, or its interpolation with the initial model
+    (train.interpolate_weights), written beside the checkpoints."""
+    model = storage.join(checkpoint, EXPORT_DIR)
+    if not config.train.interpolate_weights:
+        return model
+    from raysys.tune.interpolation import interpolate_with_initial
+
+    return interpolate_with_initial(model, config, storage.join(run_path, "interpolation"))

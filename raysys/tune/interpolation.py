@@ -13,6 +13,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
+from raysys import storage
 from raysys.config import Config
 from raysys.eval.report import atomic_write, save_figure
 from raysys.model.interpolate import write_interpolated
@@ -30,9 +31,10 @@ def curve_row(weight: float, result: dict) -> dict:
     return row
 
 
-def interpolation_curve(tuned: str, base: str, weights: list[float], config: Config, out_dir: Path,
+def interpolation_curve(tuned: str, base: str, weights: list[float], config: Config, out_dir: str | Path,
                         datasets: list[str] | None = None) -> dict:
-    """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}."""
+    """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}.
+    `out_dir` is a local path or a storage URI (each weight's model and the curve go there)."""
     from raysys.eval.run import evaluate
 
     validation = Config.from_dict(config.to_dict())
@@ -40,9 +42,9 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
     datasets = datasets or [config.data.train]
     rows = []
     for weight in sorted(set(weights)):
-        model_dir = out_dir / f"weight-{weight:g}"
-        write_interpolated(base, tuned, weight, str(model_dir))
-        results = evaluate(str(model_dir), datasets, validation, out_dir / "work")
+        model_dir = storage.join(out_dir, f"weight-{weight:g}")
+        write_interpolated(base, tuned, weight, model_dir)
+        results = evaluate(model_dir, datasets, validation, storage.join(out_dir, "work"))
         rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
         print(f"[export] weight {weight:g}: mean validation mAP {rows[-1]['mean_map']:.4f}", flush=True)
     best = max(rows, key=lambda r: (r["mean_map"], r["weight"]))
@@ -56,9 +58,10 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_curve(rows: list[dict], best: dict, out_dir: Path, tuned: str, base: str, dataset: str) -> dict[str, Path]:
-    paths = {"json": out_dir / "interpolation.json", "markdown": out_dir / "interpolation.md",
-             "plot": out_dir / "interpolation.png"}
+def write_curve(rows: list[dict], best: dict, out_dir: str | Path, tuned: str, base: str,
+                dataset: str) -> dict[str, str]:
+    paths = {kind: storage.join(out_dir, f"interpolation.{ext}")
+             for kind, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
     write_json_atomic(paths["json"], {"tuned": tuned, "base": base, "dataset": dataset, "split": "validation",
                                       "best": best, "curve": rows})
     lines = [f"# Interpolation (1 - w) x base + w x fine-tuned, {dataset} validation articles", "",
@@ -76,3 +79,25 @@ def write_curve(rows: list[dict], best: dict, out_dir: Path, tuned: str, base: s
     right.set(xlabel="w", ylabel="mean max rank distance", title="language bias (lower is better)")
     save_figure(paths["plot"], fig)
     return paths
+
+
+def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
+    """`train.interpolate_weights` after training: the run's model becomes (1 - w) x initial + w x
+    trained for the weight with the best mean validation mAP (one weight: that one); the curve is
+    written to `out_dir`. A finished curve for the same weights is reused (`raysys reproduce`)."""
+    weights = sorted(set(config.train.interpolate_weights))
+    base = config.model.name_or_path
+    if len(weights) == 1:
+        model_dir = storage.join(out_dir, f"weight-{weights[0]:g}")
+        if not storage.is_file(storage.join(model_dir, "config.json")):
+            write_interpolated(base, tuned, weights[0], model_dir)
+        return model_dir
+    done = storage.join(out_dir, "interpolation.json")
+    if storage.is_file(done):
+        record = storage.read_json(done)
+        if record["tuned"] == tuned and [r["weight"] for r in record["curve"]] == weights:
+            return record["best"]["model"]
+    curve = interpolation_curve(tuned, base, weights, config, out_dir)
+    print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is best on the "
+          f"validation articles ({curve['paths']['markdown']})", flush=True)
+    return curve["best"]["model"]

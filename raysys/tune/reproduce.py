@@ -29,7 +29,7 @@ from raysys.train.selection import selected_checkpoint
 from raysys.runtime import ensure_ray
 from raysys.summary import headline_table, print_summary
 from raysys.train.progress import train_with_progress as train  # train() with the driver's progress display
-from raysys.train.run import storage_dir
+from raysys.train.run import run_model, storage_dir
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"
@@ -134,7 +134,8 @@ def finished_run_model(config: Config) -> str | None:
             finished = state.get("finished") or state["global_step"] == config.train.max_steps
             if (finished and storage.is_file(storage.join(uri, EXPORT_DIR, "config.json"))
                     and learned_settings(state["config"]) == wanted):
-                return storage.join(selected_checkpoint(uri, config.train.export_best_model), EXPORT_DIR)
+                return run_model(config, selected_checkpoint(uri, config.train.export_best_model),
+                                 storage.join(root, run_dir))
     return None
 
 

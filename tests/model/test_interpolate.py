@@ -4,6 +4,7 @@ curve over weights chosen on validation articles (`raysys export`)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -73,3 +74,30 @@ def test_export_command_chooses_the_weight_on_validation_articles(ray_local, tin
     chosen = AutoModel.from_pretrained(out).state_dict()["pooler.dense.weight"]
     expected = AutoModel.from_pretrained(best["model"]).state_dict()["pooler.dense.weight"]
     assert torch.equal(chosen, expected)
+
+
+@pytest.mark.slow  # a training run and two validation evaluations: `make test-slow`
+def test_training_ends_with_the_weight_chosen_on_validation(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+    """train.interpolate_weights: the run's model is the interpolation with the initial model whose
+    mean validation mAP is best; `raysys reproduce` finds it again without evaluating anew."""
+    from raysys.train.run import train
+    from raysys.tune.reproduce import finished_run_model
+    from tests.train.test_trainer import tiny_config
+
+    config = tiny_config(tmp_path, tiny_model_dir, "wise", "eval.max_length=48", max_steps=4, checkpoint_every=4,
+                         eval_every=4, interpolate_weights="[1, 0]")
+    outcome = train(config)
+    curve_file = Path(outcome.run_path) / "interpolation" / "interpolation.json"
+    curve = json.loads(curve_file.read_text())
+    assert [r["weight"] for r in curve["curve"]] == [0.0, 1.0] and curve["split"] == "validation"
+    best = max(curve["curve"], key=lambda r: (r["mean_map"], r["weight"]))
+    assert outcome.model_path == best["model"] == str(Path(outcome.run_path) / "interpolation" / f"weight-{best['weight']:g}")
+    key = "encoder.layer.0.attention.self.query.weight"
+    initial = AutoModel.from_pretrained(tiny_model_dir).state_dict()[key]
+    trained = AutoModel.from_pretrained(Path(outcome.checkpoint_path) / "hf_model").state_dict()[key]
+    assert not torch.equal(initial, trained)
+    for row, expected in zip(curve["curve"], (initial, trained)):
+        torch.testing.assert_close(AutoModel.from_pretrained(row["model"]).state_dict()[key], expected)
+    written = curve_file.stat().st_mtime_ns
+    assert finished_run_model(config) == outcome.model_path
+    assert curve_file.stat().st_mtime_ns == written  # the finished curve is reused, not evaluated again
