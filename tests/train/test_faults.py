@@ -15,7 +15,7 @@ from raysys.train.run import train
 from tests.fixtures.faults import CrashOnceAfterStep
 from tests.train.test_trainer import tiny_config
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # minutes: `make test-slow` (CI runs it)
 STEPS = dict(max_steps=8, checkpoint_every=4, eval_every=4, keep_checkpoints=3)
 
 

@@ -59,7 +59,8 @@ def test_training_lowers_loss_and_exports_a_loadable_model(ray_local, tmp_path, 
     np.testing.assert_allclose(st_emb, np.array(probe["embeddings"]), atol=1e-5)
 
 
-@pytest.mark.parametrize("stage", [1, 2, 3])
+# ZeRO-3 (the hardest: partitioned parameters) in the default suite; 1 and 2 in `make test-slow`.
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_zero_stages_checkpoint_and_consolidate(ray_local, tmp_path, tiny_model_dir, xquad_r_dir, stage):
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from safetensors.torch import load_file

@@ -12,6 +12,7 @@ from tests.conftest import XQUAD_R_DIR
 pytestmark = pytest.mark.timeout(900)
 
 
+@pytest.mark.slow  # nine trainings and evaluations (tiny model): `make test-slow`
 def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path, tiny_model_dir, xquad_r_dir,
                                                              monkeypatch):
     config = Config.from_yaml(None, [

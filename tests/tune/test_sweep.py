@@ -19,6 +19,7 @@ def test_trial_config_reports_only_at_validation_steps():
     assert config.train.checkpoint_every % config.train.eval_every == 0
 
 
+@pytest.mark.slow  # a Ray Tune sweep of three trials: `make test-slow`
 def test_sweep_over_alpha_reports_all_settings_and_the_best(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
     config = Config.from_yaml(None, [
         f"model.name_or_path={tiny_model_dir}", f"data.train={XQUAD_R_DIR}", "data.languages=[de,en,es]",
