@@ -195,6 +195,7 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
     storage.makedirs(out_dir)
     shards: list[tuple[str, int, int]] = []  # (name, first row, rows) of every shard of every set
     rows, texts, kinds = [], [], []  # of the missing shards, in order; row ids are global (set offset + row)
+    pending: dict[int, dict[int, np.ndarray]] = {}  # missing shard -> its rows so far (written when complete)
     offsets, offset = {}, 0
     for name, (set_texts, kind) in sets.items():
         set_kinds = [kind] * len(set_texts) if isinstance(kind, str) else list(kind)
@@ -205,6 +206,7 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
             first, count = i * shard_size, _shard_len(i, shard_size, len(set_texts))
             shards.append((name, first, count))
             if not _valid_shard(_shard_path(out_dir, name, i), i, shard_size, len(set_texts), fast_path):
+                pending[len(shards) - 1] = {}
                 rows.extend(range(offset + first, offset + first + count))
                 texts.extend(set_texts[first:first + count])
                 kinds.extend(set_kinds[first:first + count])
@@ -217,21 +219,20 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
                                                  "fast_path": fast_path},
             batch_size=shard_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
-        # global first row of each missing shard -> its rows so far (written when complete)
-        starts = np.array([offsets[n] + first for n, first, _ in shards])
-        pending: dict[int, dict[int, np.ndarray]] = {}
+        starts = np.array([offsets[n] + first for n, first, _ in shards])  # global first row of every shard
         bar = Progress(f"encode {'+'.join(sets)}", len(rows), "texts", mode=None if progress else "off")
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
             for row, emb in zip(batch["row"], batch["embedding"]):
                 s = int(np.searchsorted(starts, row, side="right")) - 1
                 name, first, count = shards[s]
-                pending.setdefault(s, {})[int(row) - offsets[name]] = emb
+                pending[s][int(row) - offsets[name]] = emb
                 if len(pending[s]) == count:
                     _write_shard(_shard_path(out_dir, name, first // shard_size), pending.pop(s), fast_path)
             bar.advance(len(batch["row"]))
         bar.close()
         if pending:  # an actor returned fewer rows than it was given: never silently short
-            raise RuntimeError(f"encode: shards {sorted(_shard_path(out_dir, shards[s][0], shards[s][1] // shard_size) for s in pending)} came back incomplete")
+            short = sorted(_shard_path(out_dir, shards[s][0], shards[s][1] // shard_size) for s in pending)
+            raise RuntimeError(f"encode: shards {short} came back incomplete")
     return {name: [(_shard_path(out_dir, n, first // shard_size), count) for n, first, count in shards if n == name]
             for name in sets}
 

@@ -95,6 +95,25 @@ def test_several_sets_in_one_pipeline(encoded, tiny_model_dir, tmp_path):
     assert [u.rsplit("/", 1)[-1] for u in changed] == ["q-00001.npz"]
 
 
+class DropsTheFirstShard(EncoderActor):
+    """A faulty encoder (test fixture): it never returns the rows of shard 0."""
+
+    def __call__(self, batch):
+        for part in super().__call__(batch):
+            keep = part["row"] >= SHARD
+            if keep.any():
+                yield {"row": part["row"][keep], "embedding": part["embedding"][keep]}
+
+
+def test_a_shard_missing_from_the_encoder_output_is_an_error(monkeypatch, tiny_model_dir, tmp_path, ray_local):
+    monkeypatch.setattr(encode, "EncoderActor", DropsTheFirstShard)
+    texts, kinds = _texts()
+    with pytest.raises(RuntimeError, match=r"q-00000\.npz'\] came back incomplete"):
+        encode.encode_sets({"q": (texts, kinds)}, model_path=str(tiny_model_dir), settings=SETTINGS,
+                           out_dir=tmp_path, shard_size=SHARD, threads=1, progress=False)
+    assert not (tmp_path / "q-00000.npz").exists() and (tmp_path / "q-00001.npz").exists()
+
+
 def _actor_embeddings(model_dir, texts, kinds, fast_path):
     actor = EncoderActor(str(model_dir), vars(SETTINGS), batch_tokens=48, threads=1, fast_path=fast_path)
     batch = {"row": np.arange(len(texts)) + 100, "text": np.array(texts, dtype=object),
