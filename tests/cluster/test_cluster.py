@@ -171,13 +171,18 @@ def test_losing_a_node_mid_run_finishes_from_the_last_checkpoint(cluster, s3_env
     driver = cluster.popen_driver([RAYSYS, "train", *args], env=cluster.base_env, log=log)
     try:
         deadline = time.time() + 600
+        # Find the workers' nodes first (a query takes many seconds on 2 loaded cores; the steps after
+        # the first checkpoint take fewer), then kill one the moment the first checkpoint is stored.
+        hosts: list[int] = []
+        while not hosts:
+            assert driver.poll() is None, log.read_text()[-4000:]
+            assert time.time() < deadline, "no training worker on any worker node in 10 minutes"
+            hosts = cluster.nodes_running("RayTrainWorker")
         while not any(d.startswith("checkpoint_") for run in storage.list_dirs(store)
                       for d in storage.list_dirs(storage.join(store, run))):
             assert driver.poll() is None, log.read_text()[-4000:]
             assert time.time() < deadline, "no checkpoint in 10 minutes"
-            time.sleep(2)
-        hosts = cluster.nodes_running("RayTrainWorker")
-        assert hosts, "no training worker found on any worker node"
+            time.sleep(0.5)
         cluster.kill_node(hosts[0])
         assert driver.wait(timeout=900) == 0, log.read_text()[-5000:]
     finally:
