@@ -137,18 +137,25 @@ def latest_checkpoint_dir(path: str | os.PathLike) -> str:
     if storage.is_file(storage.join(path, STATE_FILE)):
         verify_checkpoint(path)  # a clear error if it is truncated or a shard is missing
         return path
-    candidates = []
-    for child in storage.list_dirs(path):
-        if not child.startswith("checkpoint_"):
-            continue
-        try:
-            candidates.append((verify_checkpoint(storage.join(path, child))["global_step"], child))
-        except RaysysError:  # an incomplete checkpoint (crash mid-write) is skipped, not fatal
-            continue
+    candidates = complete_checkpoints(path)
     if not candidates:
         raise RaysysError(f"{path}: no complete raysys checkpoint found (expected {STATE_FILE} in it or "
                           "in a checkpoint_* subdirectory)")
-    return storage.join(path, max(candidates)[1])
+    return max(candidates)[1]
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(global step, URI) of every complete checkpoint_* directory of a run directory; an incomplete
+    one (a crash mid-write, an upload still running) is skipped, not fatal."""
+    found = []
+    for child in storage.list_dirs(run_dir):
+        if child.startswith("checkpoint_"):
+            uri = storage.join(run_dir, child)
+            try:
+                found.append((verify_checkpoint(uri)["global_step"], uri))
+            except RaysysError:
+                continue
+    return found
 
 
 def read_state(ckpt_dir: str | os.PathLike) -> dict:

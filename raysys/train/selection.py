@@ -67,21 +67,15 @@ class BestModel:
 def selected_checkpoint(final_checkpoint: str, export_best: bool) -> str:
     """The checkpoint whose export is the run's model: the final one, or with `export_best` the one
     at the best step recorded in the final state (a sibling in the same run directory)."""
-    from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
+    from raysys.train.checkpoint import EXPORT_DIR, complete_checkpoints, verify_checkpoint
 
     state = verify_checkpoint(final_checkpoint)
     best_step = (state.get("best_model") or {}).get("best_step")
     if not export_best or best_step is None or best_step == state["global_step"]:
         return final_checkpoint
     run_dir = final_checkpoint.rstrip("/").rsplit("/", 1)[0]
-    for child in storage.list_dirs(run_dir):
-        uri = storage.join(run_dir, child)
-        if not child.startswith("checkpoint_") or not storage.is_file(storage.join(uri, EXPORT_DIR, "config.json")):
-            continue
-        try:
-            if verify_checkpoint(uri)["global_step"] == best_step:
-                return uri
-        except RaysysError:  # incomplete: not the one
-            continue
+    for step, uri in complete_checkpoints(run_dir):
+        if step == best_step and storage.is_file(storage.join(uri, EXPORT_DIR, "config.json")):
+            return uri
     raise RaysysError(f"{run_dir}: the best checkpoint (step {best_step}) with an exported model is missing; "
                       f"the final one is {final_checkpoint}")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from raysys import storage
-from raysys.train.checkpoint import read_state, verify_checkpoint
+from raysys.train.checkpoint import complete_checkpoints, read_state, verify_checkpoint
 from tests.cluster.conftest import RAYSYS, tiny_args
 from tests.conftest import REPO_ROOT
 
@@ -161,21 +161,6 @@ def test_misconfigured_cluster_fails_in_one_line(cluster):
     assert "RAY_AUTH_MODE=token" in no_auth.stderr.strip().splitlines()[-1]
 
 
-def complete_checkpoint(store: str) -> bool:
-    from raysys.errors import RaysysError
-    from raysys.train.checkpoint import verify_checkpoint
-
-    for run in storage.list_dirs(store):
-        for d in storage.list_dirs(storage.join(store, run)):
-            if d.startswith("checkpoint_"):
-                try:
-                    verify_checkpoint(storage.join(store, run, d))
-                    return True
-                except RaysysError:
-                    continue
-    return False
-
-
 def test_losing_a_node_mid_run_finishes_from_the_last_checkpoint(cluster, s3_env):
     """SIGKILL the raylet of a node that hosts a training worker after the first checkpoint: Ray
     Train restarts the worker group on the two nodes left and the run finishes every step."""
@@ -195,7 +180,7 @@ def test_losing_a_node_mid_run_finishes_from_the_last_checkpoint(cluster, s3_env
             hosts = cluster.nodes_running("RayTrainWorker")
         # A checkpoint directory appears when its upload starts: wait until one is complete (every
         # rank's manifest), and a moment for Ray Train to register it, so the restart restores it.
-        while not complete_checkpoint(store):
+        while not any(complete_checkpoints(storage.join(store, run)) for run in storage.list_dirs(store)):
             assert driver.poll() is None, log.read_text()[-4000:]
             assert time.time() < deadline, "no complete checkpoint in 10 minutes"
             time.sleep(0.5)
