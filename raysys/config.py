@@ -39,6 +39,9 @@ class DataConfig:
     # LAReQA training data: None (random in-batch negatives only) | "paragraph" (each pair also gets
     # another sentence of its gold paragraph as a hard negative: raysys.data.negatives).
     hard_negatives: str | None = None
+    # The training corpus is written once as this many Parquet buckets by parallel id; worker r of W
+    # reads buckets b with b % W == r. A power of two keeps every power-of-two worker count balanced.
+    num_buckets: int = 256
 
 
 @dataclass
@@ -265,6 +268,8 @@ class Config:
         if d.validation_fraction + d.test_fraction >= 1:
             raise fail("data.test_fraction", f"data.validation_fraction + data.test_fraction = "
                        f"{d.validation_fraction + d.test_fraction} leaves nothing to train on", "keep the sum below 1")
+        if d.num_buckets < 1:
+            raise fail("data.num_buckets", f"{d.num_buckets} is below 1", "use e.g. 256 (more buckets than workers)")
         if d.languages is not None:
             from raysys.data.languages import normalize_language
 

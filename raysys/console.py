@@ -109,14 +109,3 @@ def train_logging_config():
     from ray.train import LoggingConfig
 
     return LoggingConfig(log_level="INFO" if is_verbose() else "WARNING")
-
-
-def ingest_options():
-    """DataConfig execution options equal to Ray Train's defaults, minus the deprecated
-    `exclude_resources` that `DataConfig.default_ingest_options()` sets (and warns about)."""
-    from ray.data import DataContext, ExecutionOptions
-
-    current = DataContext.get_current().execution_options
-    return ExecutionOptions(resource_limits=current.resource_limits, preserve_order=current.preserve_order,
-                            verbose_progress=current.verbose_progress)
-

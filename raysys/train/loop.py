@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 import ray.train
+from raysys import storage
 from raysys.config import Config
+from raysys.data.buckets import MANIFEST, read_rank_rows
 from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems
 from raysys.errors import RaysysError
 from raysys.model.encoder import BiEncoder, EncoderSettings
 from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report,
                                      usable_checkpoint)
 from raysys.train.collectives import all_reduce_max, all_reduce_min, mean_over_ranks_each
-from raysys.train.datasets import rows_for_rank
 from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
 from raysys.train.metrics_logger import MetricsLogger
 from raysys.train.selection import BestModel, needs_retrieval
@@ -44,7 +45,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     local_batch = t.global_batch_size // world
 
     # ---- data: this worker's shard of parallel ids, batched by the shared schedule ----------
-    train_items = ParallelItems(rows_for_rank(ray.train.get_dataset_shard("train"), rank, world))
+    corpus = loop_config["corpus"]  # bucketed by parallel id: read only this worker's buckets
+    manifest = storage.read_json(storage.join(corpus, MANIFEST))
+    train_items = ParallelItems(read_rank_rows(corpus, manifest, "train", rank, world))
     batcher = HybridBatcher(train_items, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,
                             use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"])
@@ -58,7 +61,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if total_steps < 1:
         raise RaysysError(f"train.gradient_accumulation_steps={accumulation} needs more hybrid batches than the "
                           f"{t.epochs} epoch(s) x {steps_per_epoch} this data gives: lower it or raise train.epochs")
-    val_rows = (rows_for_rank(ray.train.get_dataset_shard("validation"), rank, world, allow_empty=True)
+    val_rows = (read_rank_rows(corpus, manifest, "validation", rank, world, allow_empty=True)
                 if "validation" in facts["splits"] else None)
     # Validation is collective: every rank validates, or none does (an empty validation shard).
     if not all_reduce_min(int(val_rows is not None)):

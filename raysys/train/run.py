@@ -7,18 +7,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import ray.train
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raysys import storage
 from raysys.artifacts import distribute_model, storage_root
 from raysys.config import Config
-from raysys.console import ingest_options, train_logging_config
+from raysys.console import train_logging_config
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import check_model
 from raysys.runtime import ensure_ray
-from raysys.train.datasets import compute_facts, facts_to_dict, load_split_datasets
+from raysys.train.datasets import compute_facts, facts_to_dict, prepare_corpus
 from raysys.train.checkpoint import EXPORT_DIR, checkpoint_uri, read_state
 from raysys.train.host_memory import worker_env_vars
 from raysys.train.loop import train_loop_per_worker
@@ -62,9 +61,9 @@ def build_trainer(config: Config, *, callbacks: list | None = None,
     root = storage_dir(config)
     if storage.is_remote(root):
         storage.check_writable(root, "train.storage_path")  # unreachable / no credentials: one line, now
-    datasets = load_split_datasets(config)
-    facts = facts_to_dict(compute_facts(datasets["train"], config, source=config.data.train))
-    facts["splits"] = sorted(datasets)
+    corpus_uri, manifest = prepare_corpus(config)  # bucketed once by parallel id; reused when unchanged
+    facts = facts_to_dict(compute_facts(manifest, config, source=config.data.train))
+    facts["splits"] = sorted(manifest["splits"])
     model_path = resolve_model_path(config.model.name_or_path)  # build the default model once, here
     check_model(model_path)  # a bad model path fails in the driver with one line
     preflight(config, facts, model_path)  # config values the workers would fail on: one line, here
@@ -77,7 +76,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None,
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": model_ref,
-                           "resume_from": t.resume_from, "storage_root": root},
+                           "corpus": corpus_uri, "resume_from": t.resume_from, "storage_root": root},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -88,10 +87,6 @@ def build_trainer(config: Config, *, callbacks: list | None = None,
                                                checkpoint_score_attribute=t.metric_for_best_model,
                                                checkpoint_score_order=score_order(t.metric_for_best_model)),
             failure_config=FailureConfig(max_failures=t.max_failures)),
-        datasets=datasets,
-        # Every worker streams the whole dataset and keeps the parallel ids that hash to it
-        # (see raysys.train.datasets.rows_for_rank): deterministic, language versions together.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=ingest_options()),
     )
 
 

@@ -37,9 +37,10 @@ def test_a_one_sentence_paragraph_borrows_from_its_article(tmp_path):
 def test_unknown_source_and_jsonl_data_are_refused(tmp_path, ray_local):
     with pytest.raises(ConfigError, match="data.hard_negatives.*unknown source"):
         Config.from_yaml(None, ["data.hard_negatives=article"]).validate()
-    from raysys.train.datasets import load_split_datasets
+    from raysys.train.datasets import prepare_corpus
 
     data = tmp_path / "pairs.jsonl"
     data.write_text('{"id": "a", "lang": "en", "query": "q", "passage": "p"}\n')
     with pytest.raises(ConfigError, match="needs LAReQA training data"):
-        load_split_datasets(Config.from_yaml(None, [f"data.train={data}", "data.hard_negatives=paragraph"]))
+        prepare_corpus(Config.from_yaml(None, [f"data.train={data}", "data.hard_negatives=paragraph",
+                                               f"output_dir={tmp_path / 'out'}"]))

