@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Hybrid batcher throughput: can the data path ever be the bottleneck of training?
 
-Runs the real per-worker data path of `raysys.train.loop.train_loop_per_worker`, minus the
+Runs the per-worker data path that `raysys.train.loop.train_loop_per_worker` had before the
+bucketed corpus (`bench/old_ingest.py`; `bench_ingest.py` compares the two), minus the
 model: a Ray Dataset -> `rows_for_rank(iterator, rank, world)` (every worker streams the whole
 dataset and keeps the parallel ids that hash to it, as with `DataConfig(datasets_to_split=[])`)
 -> `ParallelItems` -> `HybridBatcher.epoch(...)`. Tokenization is not included.
@@ -11,9 +12,9 @@ Two corpora:
      a full epoch of batch building per rank (repeated over a few epochs for a stable timing).
   2. A synthetic parallel corpus of `--pairs` rows (ids x 10 languages; ~60-char queries, ~150-char
      passages), written as one Parquet file per language and read with `raysys.data.files.read_pairs`
-     (the path `load_split_datasets` takes for a Parquet directory). Streamed per rank twice:
+     (the path the old `load_split_datasets` took for a Parquet directory). Streamed per rank twice:
      straight from `read_pairs`, and through the group-hash train/validation split training uses
-     (`raysys.train.datasets._hash_split`). Then `--steps` steps of batch building per rank.
+     (`bench.old_ingest.hash_split`). Then `--steps` steps of batch building per rank.
 
 Ranks run one after another in this process (each streams the full dataset, as each training
 worker does); per-rank figures are what one worker sees with the other core free for Ray Data.
@@ -93,12 +94,12 @@ def write_synthetic_corpus(out_dir: Path, total_pairs: int, seed: int = 0) -> di
 def load_shards(ds, world: int) -> tuple[list, list[dict]]:
     """Per rank: rows_for_rank over a fresh iterator of the whole dataset, then ParallelItems."""
     from raysys.data.hybrid import ParallelItems
-    from raysys.train.datasets import rows_for_rank
+    from bench.old_ingest import rows_for_rank
 
     items, stats = [], []
     for rank in range(world):
         t0 = time.perf_counter()
-        table = rows_for_rank(ds.iterator(), rank, world)
+        table, _ = rows_for_rank(ds.iterator(), rank, world)
         t1 = time.perf_counter()
         it = ParallelItems(table)
         t2 = time.perf_counter()
@@ -232,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from raysys.data.files import read_pairs
     from raysys.data.lareqa import read_lareqa_dir
-    from raysys.train.datasets import _hash_split
+    from bench.old_ingest import hash_split
 
     t_start = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -287,12 +288,12 @@ def main(argv: list[str] | None = None) -> int:
                                   input_rows=synth_info["rows"], alphas=args.alphas)
         synth["read_pairs_dataset"] = direct
         if not args.no_split_path:
-            train_ds = _hash_split(ds, 0.1, 0.15)["train"]  # what load_split_datasets gives Ray Train
+            train_ds = hash_split(ds, 0.1, 0.15)["train"]  # what the old load_split_datasets gave Ray Train
             # Only the streaming matters here; batching was timed on the direct path.
             split = stream_and_batch("synthetic (train split, as training streams it)", train_ds, SYNTH_LANGS,
                                      args, steps=args.steps, input_rows=synth_info["rows"], alphas=args.alphas[:1])
-            split["note"] = ("read_pairs -> raysys.train.datasets._hash_split(validation 0.1, test 0.15)['train'], "
-                             "exactly what load_split_datasets hands Ray Train for a Parquet directory")
+            split["note"] = ("read_pairs -> bench.old_ingest.hash_split(validation 0.1, test 0.15)['train'], "
+                             "exactly what the old load_split_datasets handed Ray Train for a Parquet directory")
             synth["train_split_dataset"] = split
         del ds
     result["synthetic"] = synth

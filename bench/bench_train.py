@@ -2,7 +2,7 @@
 """Training benchmarks: Ray Train + DeepSpeed overhead, ZeRO memory per rank, 1 vs 2 workers.
 
 Three parts (`--parts overhead,zero,scaling`), all on the default model (multilingual-e5-small,
-118M parameters, fp32), XQuAD-R pairs (the training split `load_split_datasets` gives Ray Train),
+118M parameters, fp32), XQuAD-R pairs (the training split `raysys.train.datasets` gives the workers),
 global batch 16, max lengths 64 (query) / 128 (passage), AdamW, gradient clipping 1.0:
 
 1. overhead -- per-step time of `raysys.train.run.train` with one worker (ZeRO 0, 2 torch
@@ -25,8 +25,8 @@ global batch 16, max lengths 64 (query) / 128 (passage), AdamW, gradient clippin
    arm's mean pools its runs.
    Target: median Ray step time <= 1.15 x median plain step time.
 2. zero -- per-rank memory for ZeRO 0/1/2/3 with 2 workers (1 thread each). A small Ray Train
-   loop in this file (the same `TorchTrainer` + `DataConfig(datasets_to_split=[])` +
-   `rows_for_rank` + `HybridBatcher` + `BiEncoder` + `build_deepspeed_config` +
+   loop in this file (the same `TorchTrainer` + bucketed corpus (`prepare_corpus`,
+   `read_rank_rows`) + `HybridBatcher` + `BiEncoder` + `build_deepspeed_config` +
    `deepspeed.initialize` + `info_nce_loss` as raysys) runs `--zero-steps` steps and, after each
    backward from step 2 on (Adam state exists from step 1), sums the bytes of the tensor storages
    reachable from the DeepSpeed optimizer and the parameters' `.grad`, de-duplicated by storage and
@@ -241,7 +241,7 @@ def make_config(ov: list[str]):
 
 
 def train_table(config):
-    """The train split exactly as `load_split_datasets` builds it for a LAReQA directory."""
+    """The train split exactly as `raysys.train.datasets.lareqa_split_tables` builds it."""
     from raysys.data.lareqa import read_lareqa_dir
     from raysys.data.prepare import resolve_dataset
     from raysys.data.split import split_groups, split_table
@@ -554,7 +554,8 @@ def zero_loop(loop_config: dict) -> None:
     from raysys.config import Config
     from raysys.data.hybrid import HybridBatcher, ParallelItems
     from raysys.model.encoder import BiEncoder
-    from raysys.train.datasets import rows_for_rank
+    from raysys.data.buckets import MANIFEST, read_rank_rows
+    from raysys import storage
     from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
     from raysys.train.loop import encoder_settings
     from raysys.train.loss import info_nce_loss
@@ -565,7 +566,9 @@ def zero_loop(loop_config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     rss_start = rss_bytes()
-    items = ParallelItems(rows_for_rank(ray.train.get_dataset_shard("train"), rank, world))
+    corpus = loop_config["corpus"]
+    manifest = storage.read_json(storage.join(corpus, MANIFEST))
+    items = ParallelItems(read_rank_rows(corpus, manifest, "train", rank, world))
     batcher = HybridBatcher(items, languages=loop_config["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=t.global_batch_size // world, rank=rank, use_hard_negatives=False)
     import deepspeed
@@ -610,8 +613,7 @@ def zero_loop(loop_config: dict) -> None:
     Path(loop_config["out_dir"], f"rank{rank}.json").write_text(json.dumps(out, indent=1))
 
 
-def zero_run(args, stage: int, workdir: Path, train_ds, languages: list[str], model_path: str) -> dict:
-    import ray.train
+def zero_run(args, stage: int, workdir: Path, corpus: str, languages: list[str], model_path: str) -> dict:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -624,12 +626,11 @@ def zero_run(args, stage: int, workdir: Path, train_ds, languages: list[str], mo
     trainer = TorchTrainer(
         zero_loop,
         train_loop_config={"config": config.to_dict(), "languages": languages, "model_path": model_path,
-                           "out_dir": str(workdir / "ranks")},
+                           "corpus": corpus, "out_dir": str(workdir / "ranks")},
         torch_config=TorchConfig(backend="gloo"),
         scaling_config=ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 0.5}),
         run_config=RunConfig(name=f"zero{stage}", storage_path=str(workdir / "ray"),
-                             worker_runtime_env={"env_vars": worker_env_vars(config.train)}),  # as raysys
-        datasets={"train": train_ds}, dataset_config=ray.train.DataConfig(datasets_to_split=[]))
+                             worker_runtime_env={"env_vars": worker_env_vars(config.train)}))  # as raysys
     with CpuProbe() as probe:
         result = trainer.fit()
     if result.error:
@@ -836,21 +837,20 @@ def main() -> None:
     if "zero" in parts:
         import warnings
 
-        import ray.data
         from raysys.model.default import resolve_model_path
+        from raysys.train.datasets import prepare_corpus
 
         start_ray(args.ray_cpus)
         cfg = make_config(overrides(args, work / "zero", workers=2, threads=1, cpus=0.5))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            table = train_table(cfg)
-        languages = sorted(set(table.column("lang").to_pylist()))
-        train_ds = ray.data.from_arrow(table)
+            corpus, manifest = prepare_corpus(cfg)
+        languages = manifest["splits"]["train"]["languages"]
         model_path = str(resolve_model_path(args.model))
         stages = {}
         for stage in [int(s) for s in args.zero_stages.split(",")]:
             log(f"ZeRO stage {stage}, 2 workers")
-            run = zero_run(args, stage, work / f"zero{stage}", train_ds, languages, model_path)
+            run = zero_run(args, stage, work / f"zero{stage}", corpus, languages, model_path)
             r = run["ranks"]
             stages[stage] = {
                 "optimizer": r[0]["optimizer"],

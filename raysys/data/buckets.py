@@ -32,6 +32,7 @@ from raysys.errors import DataError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+SHUFFLE_PARTITION_BYTES = 256 * 2**20
 COLUMNS = ("id", "lang", "query", "passage", "hard_negative", "group")  # what training workers read
 
 
@@ -95,14 +96,21 @@ def _write_group(group: pa.Table, parts_uri: str) -> pa.Table:
     return pa.table({"stats": [json.dumps(stats)]})
 
 
-def partition_dataset(tagged, parts_uri: str, num_buckets: int) -> list[dict]:
+def partition_dataset(tagged, parts_uri: str, num_buckets: int, input_bytes: int) -> list[dict]:
     """A lazy Ray Dataset whose rows carry a `split` column: bucket, shuffle by (split, bucket) and
     write each group where it lands; only the statistics come back."""
+    import ray
+
+    # Shuffle partitions: one per CPU of the cluster at least, ~256 MiB of input each at most
+    # (Ray Data's default of 200 costs seconds of scheduling on a small cluster).
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    partitions = max(1, min(2 * num_buckets, max(cpus, -(-input_bytes // SHUFFLE_PARTITION_BYTES))))
+
     def add_bucket(batch: pa.Table) -> pa.Table:
         return batch.append_column("bucket", bucket_column(batch.column("id"), num_buckets))
 
     written = (tagged.map_batches(add_bucket, batch_format="pyarrow")
-               .groupby(["split", "bucket"])
+               .groupby(["split", "bucket"], num_partitions=partitions)
                .map_groups(_write_group, batch_format="pyarrow", fn_kwargs={"parts_uri": parts_uri}))
     return [json.loads(s) for batch in written.iter_batches(batch_format="pyarrow", batch_size=None)
             for s in batch.column("stats").to_pylist()]
@@ -124,18 +132,19 @@ def summarize(buckets: list[dict]) -> dict:
     return splits
 
 
-def input_fingerprint(location: str, settings: dict) -> str:
-    """Inputs (every file's path, size and modification time) and the settings that shape the rows."""
-    listing = []
-    fs, root = storage.resolve(location)
+def input_fingerprint(location: str, settings: dict) -> tuple[str, int]:
+    """A fingerprint of the inputs (every file's path, size and modification time) and of the
+    settings that shape the rows; and the inputs' total bytes."""
     from pyarrow import fs as pafs
 
+    listing = []
+    fs, root = storage.resolve(location)
     info = fs.get_file_info(root)
     infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         listing.append([i.path, i.size, i.mtime_ns])
     text = json.dumps({"version": FORMAT_VERSION, "inputs": listing, "settings": settings}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return hashlib.sha256(text.encode()).hexdigest()[:20], sum(size for _, size, _ in listing)
 
 
 def find_corpus(corpus_uri: str) -> dict | None:

@@ -67,6 +67,18 @@ def read_pairs(paths: str | Path | list[str | Path]) -> ray.data.Dataset:
     return datasets[0] if len(datasets) == 1 else datasets[0].union(*datasets[1:])
 
 
+def small_local_pairs(path: str | Path) -> pa.Table | None:
+    """The validated rows of local input files that together fit DRIVER_READ_MAX_BYTES (what
+    read_pairs would validate on the driver anyway), or None for remote or larger inputs."""
+    text = str(path)
+    if "://" in text and not text.startswith("file://"):
+        return None
+    files = _expand_local(Path(text.removeprefix("file://")))
+    if sum(p.stat().st_size for p in files) > DRIVER_READ_MAX_BYTES:
+        return None
+    return pa.concat_tables([validate_pairs_file(p) for p in files])
+
+
 def _every_node_sees(paths: list[Path]) -> bool:
     """True on one node, or when every node of the cluster sees these files with their sizes."""
     from raysys.artifacts import nodes_not_seeing

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -33,6 +34,17 @@ def split_groups(groups_in_order: list[str], validation_fraction: float,
     return {"train": set(ordered[:n_train]),
             "validation": set(ordered[n_train:n_train + n_validation]),
             "test": set(ordered[n_train + n_validation:])}
+
+
+def hash_split_names(groups: pa.Array | pa.ChunkedArray, validation_fraction: float,
+                     test_fraction: float) -> pa.Array:
+    """Split of each row of JSONL/Parquet data: a stable hash of its group in [0, 1) below
+    test_fraction is test, below test + validation validation, else train (any row order, any node)."""
+    from raysys.data.buckets import hash_unit
+
+    u = hash_unit(groups.to_pylist()) / 2**64
+    return pa.array(np.where(u < test_fraction, "test",
+                             np.where(u < test_fraction + validation_fraction, "validation", "train")))
 
 
 def split_table(table: pa.Table, splits: dict[str, set[str]]) -> dict[str, pa.Table]:

@@ -1,8 +1,9 @@
 """Driver side of the training data: files -> a bucketed corpus in storage + the facts every worker needs.
 
-The corpus is partitioned once by parallel id (`raysys.data.buckets`): LAReQA directories are small
-JSON files, bucketed on the driver; JSONL / Parquet inputs stay lazy Ray Datasets, split by a hash
-of their group key and bucketed by Ray Data tasks. The driver never holds per-id state: the facts
+The corpus is partitioned once by parallel id (`raysys.data.buckets`): LAReQA directories (small
+JSON files) and local JSONL / Parquet inputs up to `DRIVER_READ_MAX_BYTES` are bucketed on the
+driver; larger or remote inputs stay lazy Ray Datasets, bucketed by Ray Data tasks. JSONL / Parquet
+rows are split by a hash of their group key either way. The driver never holds per-id state: the facts
 are sums of per-bucket statistics, and each worker reads only its own buckets.
 """
 
@@ -12,18 +13,18 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray.data
 from ray.data.expressions import col
 
 from raysys import storage
 from raysys.artifacts import storage_root
 from raysys.config import Config
-from raysys.data.buckets import (find_corpus, hash_unit, input_fingerprint, new_parts_dir, partition_dataset,
-                                 partition_tables, write_manifest)
+from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, partition_dataset, partition_tables,
+                                 write_manifest)
 from raysys.data.prepare import resolve_dataset
-from raysys.data.split import split_groups, split_table
+from raysys.data.split import hash_split_names, split_groups, split_table
 from raysys.errors import ConfigError, DataError
 
 LAREQA_SPLIT_RULE = "LAReQA: whole articles; the last ones in file order are test, the ones before them validation"
@@ -56,19 +57,20 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
     settings = {"languages": data.languages, "validation_fraction": data.validation_fraction,
                 "test_fraction": data.test_fraction, "hard_negatives": data.hard_negatives,
                 "num_buckets": data.num_buckets}
-    fingerprint = input_fingerprint(location, settings)
+    fingerprint, input_bytes = input_fingerprint(location, settings)
     corpus_uri = storage.join(storage_root(config), "corpora",
                               f"{location.rstrip('/').rsplit('/', 1)[-1]}-{fingerprint}")
     manifest = find_corpus(corpus_uri)
     if manifest is not None:
         return corpus_uri, manifest
     parts, parts_uri = new_parts_dir(corpus_uri)
+    rule = LAREQA_SPLIT_RULE if is_lareqa_dir(location) else FILES_SPLIT_RULE
     if is_lareqa_dir(location):
-        buckets, rule = partition_tables(lareqa_split_tables(config, location), parts_uri, data.num_buckets), \
-            LAREQA_SPLIT_RULE
+        buckets = partition_tables(lareqa_split_tables(config, location), parts_uri, data.num_buckets)
+    elif (small := small_pairs_tables(config, location)) is not None:  # on the driver: no Ray Data round trip
+        buckets = partition_tables(small, parts_uri, data.num_buckets)
     else:
-        buckets, rule = partition_dataset(tagged_pairs(config, location), parts_uri, data.num_buckets), \
-            FILES_SPLIT_RULE
+        buckets = partition_dataset(tagged_pairs(config, location), parts_uri, data.num_buckets, input_bytes)
     return corpus_uri, write_manifest(corpus_uri, parts, buckets, source=location, fingerprint=fingerprint,
                                       settings=settings, num_buckets=data.num_buckets, split_rule=rule)
 
@@ -88,27 +90,46 @@ def lareqa_split_tables(config: Config, location: str) -> dict[str, pa.Table]:
     return {name: tables[name] for name in ("train", "validation")}
 
 
-def tagged_pairs(config: Config, location: str) -> ray.data.Dataset:
-    """JSONL / Parquet pairs as a lazy Ray Dataset with a `split` column (test rows dropped)."""
-    data = config.data
-    if data.hard_negatives:
-        raise ConfigError(f"data.hard_negatives={data.hard_negatives} needs LAReQA training data; {location} is "
-                          "JSONL/Parquet", field="data.hard_negatives",
+def _refuse_hard_negatives(config: Config, location: str) -> None:
+    if config.data.hard_negatives:
+        raise ConfigError(f"data.hard_negatives={config.data.hard_negatives} needs LAReQA training data; {location} "
+                          "is JSONL/Parquet", field="data.hard_negatives",
                           hint="give JSONL/Parquet rows a hard_negative column instead, or set it to null")
+
+
+def _wanted_languages(config: Config) -> list[str] | None:
+    from raysys.data.languages import normalize_language
+
+    langs = config.data.languages
+    return sorted({normalize_language(code) for code in langs}) if langs else None  # rows hold normalised codes
+
+
+def small_pairs_tables(config: Config, location: str) -> dict[str, pa.Table] | None:
+    """Train and validation rows of local JSONL/Parquet inputs small enough for the driver, else None."""
+    from raysys.data.files import small_local_pairs
+
+    _refuse_hard_negatives(config, location)
+    table = small_local_pairs(location)
+    if table is None:
+        return None
+    if (wanted := _wanted_languages(config)) is not None:
+        table = table.filter(pc.is_in(table.column("lang"), value_set=pa.array(wanted, pa.string())))
+    names = hash_split_names(table.column("group"), config.data.validation_fraction, config.data.test_fraction)
+    return {name: table.filter(pc.equal(names, name)) for name in ("train", "validation")}
+
+
+def tagged_pairs(config: Config, location: str) -> ray.data.Dataset:
+    """Large or remote JSONL / Parquet inputs as a lazy Ray Dataset with a `split` column (test rows dropped)."""
     from raysys.data.files import read_pairs
 
+    _refuse_hard_negatives(config, location)
     ds = read_pairs(location)
-    if data.languages:
-        from raysys.data.languages import normalize_language
-
-        wanted = {normalize_language(code) for code in data.languages}  # rows hold normalised codes
-        ds = ds.filter(expr=col("lang").is_in(sorted(wanted)))  # vectorised
-    test, validation = data.test_fraction, data.validation_fraction
+    if (wanted := _wanted_languages(config)) is not None:
+        ds = ds.filter(expr=col("lang").is_in(wanted))  # vectorised
+    validation, test = config.data.validation_fraction, config.data.test_fraction
 
     def tag_split(batch: pa.Table) -> pa.Table:
-        u = hash_unit(batch.column("group").to_pylist()) / 2**64
-        name = np.where(u < test, "test", np.where(u < test + validation, "validation", "train"))
-        return batch.append_column("split", pa.array(name))
+        return batch.append_column("split", hash_split_names(batch.column("group"), validation, test))
 
     return ds.map_batches(tag_split, batch_format="pyarrow").filter(expr=col("split") != "test")
 

@@ -112,10 +112,19 @@ def pairs_jsonl(path, ids: int, langs=("de", "en", "es")) -> list[dict]:
     return rows
 
 
-def test_files_are_bucketed_by_ray_data_tasks_with_the_hash_split(tmp_path, ray_local):
+def test_files_bucketed_on_the_driver_or_by_ray_data_give_the_same_corpus(tmp_path, ray_local, monkeypatch):
     rows = pairs_jsonl(tmp_path / "pairs.jsonl", 300)
     cfg = config(tmp_path, tmp_path / "pairs.jsonl", "data.num_buckets=8")
     corpus, manifest = prepare_corpus(cfg)
+    monkeypatch.setattr("raysys.data.files.DRIVER_READ_MAX_BYTES", 0)
+    by_tasks, by_tasks_manifest = prepare_corpus(config(tmp_path / "tasks", tmp_path / "pairs.jsonl",
+                                                        "data.num_buckets=8"))
+    strip = lambda m: {split: {k: v for k, v in s.items() if k != "bytes"} | {  # noqa: E731
+        "buckets": [{k: v for k, v in b.items() if k != "bytes"} for b in s["buckets"]]} for split, s in m.items()}
+    assert strip(by_tasks_manifest["splits"]) == strip(manifest["splits"])
+    for split in ("train", "validation"):
+        assert rows_of(read_rank_rows(by_tasks, by_tasks_manifest, split, 0, 1)) == \
+            rows_of(read_rank_rows(corpus, manifest, split, 0, 1))
     assert "hash" in manifest["split_rule"]
     train, validation = manifest["splits"]["train"], manifest["splits"]["validation"]
     assert train["rows"] + validation["rows"] < len(rows)  # the test groups are not written
@@ -136,7 +145,10 @@ def test_files_are_bucketed_by_ray_data_tasks_with_the_hash_split(tmp_path, ray_
         assert Counter(b["bucket"] for b in stats["buckets"]).most_common(1)[0][1] == 1  # one file per bucket
 
 
-def test_a_bad_row_is_one_located_error_and_no_manifest(tmp_path, ray_local):
+@pytest.mark.parametrize("where", ["driver", "ray data"])
+def test_a_bad_row_is_one_located_error_and_no_manifest(tmp_path, ray_local, monkeypatch, where):
+    if where == "ray data":
+        monkeypatch.setattr("raysys.data.files.DRIVER_READ_MAX_BYTES", 0)
     path = tmp_path / "pairs.jsonl"
     pairs_jsonl(path, 20)
     path.write_text(path.read_text() + '{"id": "bad", "lang": "en", "query": "q"}\n')
