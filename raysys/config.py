@@ -42,6 +42,9 @@ class DataConfig:
     # The training corpus is written once as this many Parquet buckets by parallel id; worker r of W
     # reads buckets b with b % W == r. A power of two keeps every power-of-two worker count balanced.
     num_buckets: int = 256
+    # Rows of its buckets a training worker holds at a time (more when one bucket is larger): its
+    # memory is bounded by this, not by its share; a share that fits is held whole (same batches).
+    worker_buffer_rows: int = 200_000
 
 
 @dataclass
@@ -268,6 +271,8 @@ class Config:
         if d.validation_fraction + d.test_fraction >= 1:
             raise fail("data.test_fraction", f"data.validation_fraction + data.test_fraction = "
                        f"{d.validation_fraction + d.test_fraction} leaves nothing to train on", "keep the sum below 1")
+        if d.worker_buffer_rows < 1:
+            raise fail("data.worker_buffer_rows", f"{d.worker_buffer_rows} is below 1", "use e.g. 200000")
         if d.num_buckets < 1:
             raise fail("data.num_buckets", f"{d.num_buckets} is below 1", "use e.g. 256 (more buckets than workers)")
         if d.languages is not None:

@@ -167,6 +167,14 @@ def write_manifest(corpus_uri: str, parts: str, buckets: list[dict], **record) -
     return manifest
 
 
+def read_bucket_files(corpus_uri: str, manifest: dict, files: list[str]):
+    """The rows of some bucket files of a corpus (one threaded Arrow dataset read)."""
+    import pyarrow.dataset as pads
+
+    fs, parts = storage.resolve(storage.join(corpus_uri, manifest["parts"]))
+    return pads.dataset([f"{parts}/{f}" for f in files], filesystem=fs, format="parquet").to_table()
+
+
 def read_rank_rows(corpus_uri: str, manifest: dict, split: str, rank: int, world_size: int,
                    allow_empty: bool = False) -> pa.Table | None:
     """This worker's rows of `split`: only its own buckets' files are read.
@@ -180,8 +188,4 @@ def read_rank_rows(corpus_uri: str, manifest: dict, split: str, rank: int, world
             return None
         raise DataError(f"worker {rank} of {world_size} received no {split} rows "
                         f"(its buckets of {num_buckets} are empty)", hint="give more parallel ids or fewer workers")
-    import pyarrow.dataset as pads
-
-    fs, parts = storage.resolve(storage.join(corpus_uri, manifest["parts"]))
-    dataset = pads.dataset([f"{parts}/{f}" for f in files], filesystem=fs, format="parquet")
-    return dataset.to_table()  # threaded reads, one fragment per bucket file
+    return read_bucket_files(corpus_uri, manifest, files)

@@ -85,48 +85,62 @@ class ParallelItems:
 
 
 class _IdStream:
-    """Ids in a seeded random order, cycling with a fresh permutation when exhausted.
+    """A share's items as (chunk, index) entries in a seeded random order, chunk after chunk (only
+    when the order runs dry is the next chunk loaded), cycling with a fresh order when exhausted.
 
-    `take(k, accept)` returns the next k distinct acceptable ids; ids it passes over go back to
-    the front, so with fully parallel data an epoch uses every id exactly once.
+    `take(k, accept)` returns the next k acceptable entries with distinct parallel ids; entries it
+    passes over go back to the front, so with fully parallel data an epoch uses every id exactly once.
     """
 
-    def __init__(self, n: int, seed_words: list[int]):
-        self.n, self.seed_words, self.cycle = n, seed_words, 0
-        self.order: deque[int] = deque()
+    def __init__(self, share, seed_words: list[int]):
+        self.share, self.seed_words, self.cycle, self.chunk_no = share, seed_words, 0, 0
+        self.order: deque[tuple[ParallelItems, int]] = deque()
+        self.pending: deque = deque()  # loaders of this cycle's remaining chunks
 
     def _refill(self) -> None:
-        rng = np.random.default_rng(self.seed_words + [self.cycle])
-        self.order.extend(rng.permutation(self.n).tolist())
-        self.cycle += 1
+        if not self.pending:
+            self.pending.extend(self.share.chunks(self.seed_words + [self.cycle]))
+            self.cycle, self.chunk_no = self.cycle + 1, 0
+        items = self.pending.popleft()()
+        # A one-chunk share draws exactly the permutation an in-memory shard always drew.
+        words = self.seed_words + [self.cycle - 1] + ([self.chunk_no] if self.chunk_no else [])
+        self.order.extend((items, i) for i in np.random.default_rng(words).permutation(len(items)).tolist())
+        self.chunk_no += 1
 
-    def take(self, k: int, accept) -> list[int]:
-        chosen: list[int] = []
+    def take(self, k: int, accept) -> list[tuple[ParallelItems, int]]:
+        chosen: list[tuple[ParallelItems, int]] = []
         seen, passed = set(), []
-        budget = 3 * self.n + k  # enough for two refills; more means too few acceptable ids
+        budget = 3 * self.share.num_ids + k  # enough for two refills; more means too few acceptable ids
         while len(chosen) < k:
             if not self.order:
                 self._refill()
-            i = self.order.popleft()
+            entry = self.order.popleft()
             budget -= 1
             if budget < 0:
-                raise ConfigError(f"only {len(set(chosen))} acceptable parallel ids on this worker; "
+                raise ConfigError(f"only {len(chosen)} acceptable parallel ids on this worker; "
                                   f"a local batch needs {k}")
-            if i not in seen and accept(i):
-                chosen.append(i)
-                seen.add(i)
+            parallel_id = entry[0].ids[entry[1]]
+            if parallel_id not in seen and accept(*entry):
+                chosen.append(entry)
+                seen.add(parallel_id)
             else:
-                passed.append(i)
+                passed.append(entry)
         self.order.extendleft(reversed(passed))
         return chosen
 
 
 class HybridBatcher:
-    """Builds this worker's local share of each global hybrid batch."""
+    """Builds this worker's local share of each global hybrid batch.
 
-    def __init__(self, items: ParallelItems, *, languages: Sequence[str], alpha: float, seed: int,
+    `items`: the worker's ParallelItems, or a share streamed chunk by chunk (raysys.data.share).
+    """
+
+    def __init__(self, items, *, languages: Sequence[str], alpha: float, seed: int,
                  local_batch_size: int, rank: int, use_hard_negatives: bool = False):
-        self.items, self.languages = items, sorted(languages)
+        from raysys.data.share import InMemoryShare
+
+        self.share = InMemoryShare(items) if isinstance(items, ParallelItems) else items
+        self.languages = sorted(languages)
         self.alpha, self.seed, self.rank = alpha, seed, rank
         self.local_batch_size = local_batch_size
         # Decided once for the whole dataset by the driver (every rank must agree, or the
@@ -135,19 +149,19 @@ class HybridBatcher:
         self._check_capacity()
 
     def _check_capacity(self) -> None:
-        k, items = self.local_batch_size, self.items
+        k, share = self.local_batch_size, self.share
         if self.alpha > 0:
             for lang in self.languages:
-                if items.count_with(lang) < k:
-                    raise ConfigError(f"worker {self.rank}: {items.count_with(lang)} parallel ids in '{lang}' "
+                if share.count_with(lang) < k:
+                    raise ConfigError(f"worker {self.rank}: {share.count_with(lang)} parallel ids in '{lang}' "
                                       f"but a monolingual local batch needs {k}; lower train.global_batch_size")
-        if self.alpha < 1 and items.count_multilingual() < k:
-            raise ConfigError(f"worker {self.rank}: {items.count_multilingual()} parallel ids exist in two or "
+        if self.alpha < 1 and share.count_multilingual() < k:
+            raise ConfigError(f"worker {self.rank}: {share.count_multilingual()} parallel ids exist in two or "
                               f"more languages but a cross-lingual local batch needs {k}")
 
     def local_steps_per_epoch(self) -> int:
         """Steps this worker could fill; the trainer takes the minimum over workers."""
-        return len(self.items) // self.local_batch_size
+        return self.share.num_ids // self.local_batch_size
 
     def epoch(self, epoch: int, num_steps: int, start_step: int = 0) -> Iterator[tuple[int, PairBatch]]:
         """Yield (step, batch) for steps [start_step, num_steps) of `epoch`.
@@ -155,22 +169,21 @@ class HybridBatcher:
         Sampling replays the steps before `start_step`, so a resumed run sees exactly the
         batches the uninterrupted run would have seen.
         """
-        stream = _IdStream(len(self.items), [_SAMPLE_STREAM, self.seed, epoch, self.rank])
+        stream = _IdStream(self.share, [_SAMPLE_STREAM, self.seed, epoch, self.rank])
         for step in range(num_steps):
             plan = plan_step(self.seed, epoch, step, self.alpha, self.languages)
-            rows = self.items.rows
             if plan.kind == MONO:
-                chosen = stream.take(self.local_batch_size, lambda i: plan.lang in rows[i])
+                chosen = stream.take(self.local_batch_size, lambda items, i: plan.lang in items.rows[i])
             else:
-                chosen = stream.take(self.local_batch_size, lambda i: len(rows[i]) >= 2)
+                chosen = stream.take(self.local_batch_size, lambda items, i: len(items.rows[i]) >= 2)
             if step >= start_step:
                 yield step, self._materialise(plan, chosen, epoch, step)
 
-    def _materialise(self, plan: StepPlan, chosen: list[int], epoch: int, step: int) -> PairBatch:
-        it = self.items
+    def _materialise(self, plan: StepPlan, chosen: list[tuple[ParallelItems, int]], epoch: int,
+                     step: int) -> PairBatch:
         rng = np.random.default_rng([_SAMPLE_STREAM, self.seed, epoch, self.rank, step])
         q_rows, p_rows, q_langs, p_langs = [], [], [], []
-        for i in chosen:
+        for it, i in chosen:
             if plan.kind == MONO:
                 q_lang = p_lang = plan.lang
             else:
@@ -178,18 +191,18 @@ class HybridBatcher:
                 q_lang = available[int(rng.integers(len(available)))]
                 others = [lang for lang in available if lang != q_lang]
                 p_lang = others[int(rng.integers(len(others)))]
-            q_rows.append(it.rows[i][q_lang])
-            p_rows.append(it.rows[i][p_lang])
+            q_rows.append((it, it.rows[i][q_lang]))
+            p_rows.append((it, it.rows[i][p_lang]))
             q_langs.append(q_lang)
             p_langs.append(p_lang)
         negatives = None
         if self.use_hard_negatives:
-            negatives = [it.negatives[r] for r in p_rows]  # in the passage's language
-            if any(n is None for n in negatives):
-                missing = next(it.ids[i] for i, r in zip(chosen, p_rows) if it.negatives[r] is None)
+            negatives = [it.negatives[r] for it, r in p_rows]  # in the passage's language
+            if None in negatives:
+                missing = next(it.ids[i] for (it, i), n in zip(chosen, negatives) if n is None)
                 raise ConfigError(f"parallel id {missing!r} has no hard_negative but hard negatives are on; "
                                   "set train.use_hard_negatives=false or give every row one")
         return PairBatch(
-            queries=[it.queries[r] for r in q_rows], passages=[it.passages[r] for r in p_rows],
-            hard_negatives=negatives, ids=[it.ids[i] for i in chosen],
+            queries=[it.queries[r] for it, r in q_rows], passages=[it.passages[r] for it, r in p_rows],
+            hard_negatives=negatives, ids=[it.ids[i] for it, i in chosen],
             query_langs=q_langs, passage_langs=p_langs, plan=plan)

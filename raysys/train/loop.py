@@ -20,6 +20,7 @@ from raysys import storage
 from raysys.config import Config
 from raysys.data.buckets import MANIFEST, read_rank_rows
 from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems
+from raysys.data.share import BucketShare
 from raysys.errors import RaysysError
 from raysys.model.encoder import BiEncoder, EncoderSettings
 from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_path, load_checkpoint, save_and_report,
@@ -47,8 +48,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # ---- data: this worker's shard of parallel ids, batched by the shared schedule ----------
     corpus = loop_config["corpus"]  # bucketed by parallel id: read only this worker's buckets
     manifest = storage.read_json(storage.join(corpus, MANIFEST))
-    train_items = ParallelItems(read_rank_rows(corpus, manifest, "train", rank, world))
-    batcher = HybridBatcher(train_items, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
+    train_share = BucketShare(corpus, manifest, "train", rank, world, config.data.worker_buffer_rows)
+    batcher = HybridBatcher(train_share, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,
                             use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"])
     # The schedule counts micro-steps (one global batch each); an optimizer step takes
