@@ -184,7 +184,8 @@ def main() -> None:
             log(f"{corpus_info['rows']} rows written")
             size = {"corpus": corpus_info, "by_world": {}}
             for world in args.world:
-                new_driver = run_role("new_driver", data=str(data), out=str(Path(tmp, f"out{world}")), world=world)
+                # One output directory per size: the second world size finds the corpus (fingerprint reuse).
+                new_driver = run_role("new_driver", data=str(data), out=str(Path(tmp, "out")), world=world)
                 log(f"W={world}: prepare {new_driver['prepare_s']} s, driver {new_driver['peak_rss_mib']} MiB")
                 common = dict(world=world, languages=new_driver["languages"])
                 new_workers = [run_role("new_worker", corpus=new_driver["corpus"], rank=r,

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from ray.data.expressions import col
 
-from raysys.data.hybrid import shard_of
+from raysys.data.buckets import bucket_of as shard_of
 
 
 def hash_split(ds, validation_fraction: float, test_fraction: float) -> dict:

@@ -35,6 +35,13 @@ def cmd_prepare(args) -> None:
         print(f"dataset {name}: {resolve_dataset(name, args.source_dir)}")
     if args.model:
         print(f"model {args.model}: {resolve_model_path(args.model)}")
+    if args.corpus:
+        from raysys.train.datasets import prepare_corpus
+
+        uri, manifest = prepare_corpus(_config(args))
+        splits = ", ".join(f"{name} {s['rows']} rows / {s['ids']} ids in {len(s['buckets'])} buckets"
+                           for name, s in manifest["splits"].items())
+        print(f"training corpus of {manifest['source']}: {uri} ({splits})")
 
 
 def cmd_train(args) -> None:
@@ -163,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", action="append", default=None, help="xquad-r (default), mlqa-r")
     p.add_argument("--source-dir", help="local directory holding the dataset's <lang>.json files")
     p.add_argument("--model", default="default", help="build/resolve this model too ('' to skip)")
+    p.add_argument("--corpus", action="store_true",
+                   help="also write data.train's bucketed training corpus under the run storage (as train does; "
+                        "reused while the inputs and data settings are unchanged)")
     add("train", cmd_train, "fine-tune with hybrid batches (Ray Train + DeepSpeed)")
     p = add("eval", cmd_eval, "evaluate models on LAReQA / MIRACL-style datasets")
     p.add_argument("--model", action="append", help="model, checkpoint dir or label=path (repeatable)")

@@ -113,7 +113,7 @@ def to_uri(filesystem: pafs.FileSystem | None, path: str) -> str:
     return f"{prefix}://{path.lstrip('/')}"
 
 
-def _wrap(uri, exc: BaseException) -> StorageError:
+def as_storage_error(uri, exc: BaseException) -> StorageError:
     text = " ".join(str(exc).split())
     hint = ""
     lowered = text.lower()
@@ -132,7 +132,7 @@ def file_type(uri) -> pafs.FileType:
     try:
         return fs.get_file_info(path).type
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
 
 
 def exists(uri) -> bool:
@@ -152,7 +152,7 @@ def makedirs(uri) -> None:
     try:
         fs.create_dir(path, recursive=True)
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
 
 
 def read_bytes(uri) -> bytes:
@@ -183,7 +183,7 @@ def write_bytes(uri, data: bytes | str) -> str:
         with fs.open_output_stream(path) as f:  # one PUT: atomic on object stores
             f.write(data)
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
     return str(uri)
 
 
@@ -197,7 +197,7 @@ def list_files(uri) -> dict[str, int]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True))
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
     return {info.path[len(root):].lstrip("/"): info.size for info in infos if info.type == pafs.FileType.File}
 
 
@@ -207,7 +207,7 @@ def list_dirs(uri) -> list[str]:
     try:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=False, allow_not_found=True))
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
     return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
@@ -225,7 +225,7 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> str:
         pafs.copy_files(str(Path(local_dir).resolve()), dest, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=dest_fs, use_threads=True)
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
     return uri
 
 
@@ -243,7 +243,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
             shutil.rmtree(local_dir)
         os.replace(tmp, local_dir)
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return local_dir
@@ -256,7 +256,7 @@ def delete_dir(uri) -> None:
     except FileNotFoundError:
         pass
     except OSError as exc:
-        raise _wrap(uri, exc) from None
+        raise as_storage_error(uri, exc) from None
 
 
 def check_writable(uri: str, what: str = "storage") -> None:
@@ -272,4 +272,4 @@ def check_writable(uri: str, what: str = "storage") -> None:
     except StorageError as exc:
         raise StorageError(f"{what} {exc}") from None
     except OSError as exc:
-        raise StorageError(f"{what} {_wrap(uri, exc)}") from None
+        raise StorageError(f"{what} {as_storage_error(uri, exc)}") from None

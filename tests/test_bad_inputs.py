@@ -444,6 +444,11 @@ def _cli_train_bad_jsonl(d: Path, fx: dict) -> list[str]:
     return ["train", f"data.train={data}", f"model.name_or_path={fx['tiny_model_dir']}", f"output_dir={d / 'out'}"]
 
 
+def _cli_train_missing_data(d: Path, fx: dict) -> list[str]:
+    return ["train", f"data.train={d / 'no-such.jsonl'}", f"model.name_or_path={fx['tiny_model_dir']}",
+            f"output_dir={d / 'out'}"]
+
+
 def _cli_train_one_language_ids(d: Path, fx: dict) -> list[str]:
     root = lareqa_dir(d / "lareqa", {"en": lareqa_doc([f"e{i}" for i in range(12)], "en", articles=3),
                                      "de": lareqa_doc([f"g{i}" for i in range(12)], "de", articles=3)})
@@ -482,6 +487,8 @@ CLI_CASES = {
                                           "fix the JSON syntax", clean=("cache/data/mlqa-r",)),
     "cli-train-bad-jsonl-row": CliCase(_cli_train_bad_jsonl, "train.jsonl", "row 3", "query", "JSON string",
                                        needs_ray=True, clean=("out",)),
+    "cli-train-missing-data": CliCase(_cli_train_missing_data, "no-such.jsonl", None, None, "data.train path",
+                                      needs_ray=True, clean=("out",)),
     "cli-train-ids-in-one-language": CliCase(_cli_train_one_language_ids, None, None, None,
                                              "cross-lingual batches", needs_ray=True, clean=("out",)),
     "cli-eval-bad-lareqa-field": CliCase(_cli_eval_bad_lareqa, "de.json", "data[0].paragraphs[0].qas[1]",

@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 
 import pytest
 
@@ -97,21 +96,6 @@ def test_the_worker_hook_never_stops_a_worker(monkeypatch):
     monkeypatch.setenv(console.VERBOSE_ENV, "0")
     monkeypatch.setattr(console, "quiet_ray_data", broken)
     console.setup_worker()  # no exception
-
-
-def test_ingest_options_are_the_defaults_without_the_deprecated_field():
-    from ray.data import DataContext
-    from ray.train import DataConfig
-
-    DataContext.get_current()  # Ray Data's own deprecated fields warn when it creates the context
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        options = console.ingest_options()
-    with pytest.warns(DeprecationWarning, match="exclude_resources"):  # why raysys passes its own options
-        default = DataConfig.default_ingest_options()  # what Ray Train would use
-    assert options.resource_limits == default.resource_limits
-    assert options.preserve_order == default.preserve_order
-    assert options.exclude_resources == default.exclude_resources  # zero either way
 
 
 def test_encoding_logs_nothing_deprecated(ray_local, tmp_path, tiny_model_dir):

@@ -42,8 +42,13 @@ def hash_unit(keys: list[str]) -> np.ndarray:
                      for k in keys], dtype=np.uint64)
 
 
+def bucket_of(parallel_id: str, num_buckets: int) -> int:
+    """Bucket of one parallel id: all language versions of an id share it."""
+    return int(hash_unit([parallel_id])[0] % np.uint64(num_buckets))
+
+
 def bucket_column(ids: pa.ChunkedArray | pa.Array, num_buckets: int) -> pa.Array:
-    """Bucket of each parallel id; `raysys.data.hybrid.shard_of(id, num_buckets)` row by row."""
+    """Bucket of each parallel id (`bucket_of`, vectorised)."""
     return pa.array(hash_unit(ids.to_pylist()) % np.uint64(num_buckets), pa.int32())
 
 
@@ -68,11 +73,15 @@ def write_bucket(table: pa.Table, parts_uri: str, split: str, bucket: int) -> di
     table = table.select([c for c in COLUMNS if c in table.column_names])
     table = table.sort_by([("id", "ascending"), ("lang", "ascending")])
     name = f"{split}/bucket-{bucket:05d}.parquet"
-    fs, path = storage.resolve(storage.join(parts_uri, name))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    pq.write_table(table, path, filesystem=fs)
-    return {"split": split, "bucket": bucket, "file": name, "bytes": fs.get_file_info(path).size,
-            **bucket_stats(table)}
+    uri = storage.join(parts_uri, name)
+    fs, path = storage.resolve(uri)
+    try:
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(table, path, filesystem=fs)
+        size = fs.get_file_info(path).size
+    except OSError as exc:
+        raise storage.as_storage_error(uri, exc) from None
+    return {"split": split, "bucket": bucket, "file": name, "bytes": size, **bucket_stats(table)}
 
 
 def partition_tables(tables: dict[str, pa.Table], parts_uri: str, num_buckets: int) -> list[dict]:
@@ -139,8 +148,13 @@ def input_fingerprint(location: str, settings: dict) -> tuple[str, int]:
 
     listing = []
     fs, root = storage.resolve(location)
-    info = fs.get_file_info(root)
-    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    try:
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError("file not found", file=location, hint="check the data.train path")
+        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    except OSError as exc:
+        raise storage.as_storage_error(location, exc) from None
     for i in sorted((i for i in infos if i.type == pafs.FileType.File), key=lambda i: i.path):
         listing.append([i.path, i.size, i.mtime_ns])
     text = json.dumps({"version": FORMAT_VERSION, "inputs": listing, "settings": settings}, sort_keys=True)
@@ -171,8 +185,12 @@ def read_bucket_files(corpus_uri: str, manifest: dict, files: list[str]):
     """The rows of some bucket files of a corpus (one threaded Arrow dataset read)."""
     import pyarrow.dataset as pads
 
-    fs, parts = storage.resolve(storage.join(corpus_uri, manifest["parts"]))
-    return pads.dataset([f"{parts}/{f}" for f in files], filesystem=fs, format="parquet").to_table()
+    uri = storage.join(corpus_uri, manifest["parts"])
+    fs, parts = storage.resolve(uri)
+    try:
+        return pads.dataset([f"{parts}/{f}" for f in files], filesystem=fs, format="parquet").to_table()
+    except OSError as exc:
+        raise storage.as_storage_error(uri, exc) from None
 
 
 def read_rank_rows(corpus_uri: str, manifest: dict, split: str, rank: int, world_size: int,

@@ -9,7 +9,6 @@ appears twice in a global batch (two versions of one item would be false negativ
 
 from __future__ import annotations
 
-import hashlib
 from collections import deque
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -39,12 +38,6 @@ def plan_step(seed: int, epoch: int, step: int, alpha: float, languages: Sequenc
     return StepPlan(CROSS, None)
 
 
-def shard_of(parallel_id: str, world_size: int) -> int:
-    """Stable shard of a parallel id: all language versions of an id land on one worker."""
-    digest = hashlib.blake2b(parallel_id.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "little") % world_size
-
-
 @dataclass
 class PairBatch:
     queries: list[str]
@@ -59,7 +52,10 @@ class PairBatch:
 class ParallelItems:
     """A worker's parallel items: for each id, its language versions (query, passage, negative)."""
 
-    def __init__(self, table: pa.Table):
+    def __init__(self, table: pa.Table | None = None):
+        if table is None:  # filled by `carry`
+            self.queries, self.passages, self.negatives, self.ids, self.rows, self.languages = [], [], [], [], [], []
+            return
         wanted = [c for c in ("id", "lang", "query", "passage", "hard_negative") if c in table.column_names]
         table = table.select(wanted).sort_by([("id", "ascending"), ("lang", "ascending")])
         cols = table.to_pydict()
@@ -76,6 +72,23 @@ class ParallelItems:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @classmethod
+    def carry(cls, entries: list[tuple[ParallelItems, int]]) -> list[tuple[ParallelItems, int]]:
+        """The same items re-pointed at a small copy of just their rows, so that the (large) chunks
+        they came from can be freed."""
+        items = cls()
+        for source, i in entries:
+            row_of = {}
+            for lang, row in source.rows[i].items():
+                row_of[lang] = len(items.queries)
+                items.queries.append(source.queries[row])
+                items.passages.append(source.passages[row])
+                items.negatives.append(source.negatives[row])
+            items.ids.append(source.ids[i])
+            items.rows.append(row_of)
+        items.languages = sorted({lang for r in items.rows for lang in r})
+        return [(items, j) for j in range(len(entries))]
 
     def count_with(self, lang: str) -> int:
         return sum(lang in r for r in self.rows)
@@ -113,6 +126,9 @@ class _IdStream:
         budget = 3 * self.share.num_ids + k  # enough for two refills; more means too few acceptable ids
         while len(chosen) < k:
             if not self.order:
+                # What this call passed over is all that is left of the current chunk: keep a copy
+                # of just those items, so a passed-over id never holds a whole chunk in memory.
+                passed = ParallelItems.carry(passed)
                 self._refill()
             entry = self.order.popleft()
             budget -= 1

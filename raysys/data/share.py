@@ -48,6 +48,7 @@ class BucketShare:
             self._per_language.update(b["ids_per_language"])
         self.languages = sorted(self._per_language)
         self.rows_read = 0  # over the worker's life (benchmarks, tests)
+        self._whole: ParallelItems | None = None
 
     def __len__(self) -> int:
         return self.num_ids
@@ -59,8 +60,14 @@ class BucketShare:
         return sum(b["multilingual_ids"] for b in self.buckets)
 
     def chunks(self, seed_words: list[int]) -> list[Callable[[], ParallelItems]]:
-        """This cycle's chunks, each a loader of the bucket group `plan` gives."""
-        return [lambda group=group: self._load(group) for group in self.plan(seed_words)]
+        """This cycle's chunks, each a loader of the bucket group `plan` gives (a share that fits
+        the buffer is read once and kept)."""
+        groups = self.plan(seed_words)
+        if len(groups) == 1:
+            if self._whole is None:
+                self._whole = self._load(groups[0])
+            return [lambda: self._whole]
+        return [lambda group=group: self._load(group) for group in groups]
 
     def plan(self, seed_words: list[int]) -> list[list[dict]]:
         """Bucket groups of a cycle: one in bucket order if the share fits the buffer, else the

@@ -19,13 +19,14 @@ import ray.data
 from ray.data.expressions import col
 
 from raysys import storage
-from raysys.artifacts import storage_root
+from raysys.artifacts import check_shared, storage_root
 from raysys.config import Config
 from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, partition_dataset, partition_tables,
                                  write_manifest)
 from raysys.data.prepare import resolve_dataset
 from raysys.data.split import hash_split_names, split_groups, split_table
 from raysys.errors import ConfigError, DataError
+from raysys.runtime import is_multi_node
 
 LAREQA_SPLIT_RULE = "LAReQA: whole articles; the last ones in file order are test, the ones before them validation"
 FILES_SPLIT_RULE = "files: a stable hash (blake2b) of each row's group decides its split"
@@ -58,8 +59,10 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
                 "test_fraction": data.test_fraction, "hard_negatives": data.hard_negatives,
                 "num_buckets": data.num_buckets}
     fingerprint, input_bytes = input_fingerprint(location, settings)
-    corpus_uri = storage.join(storage_root(config), "corpora",
-                              f"{location.rstrip('/').rsplit('/', 1)[-1]}-{fingerprint}")
+    root = storage_root(config)
+    if is_multi_node():
+        check_shared(root)  # workers on other nodes read their buckets from here
+    corpus_uri = storage.join(root, "corpora", f"{location.rstrip('/').rsplit('/', 1)[-1]}-{fingerprint}")
     manifest = find_corpus(corpus_uri)
     if manifest is not None:
         return corpus_uri, manifest
@@ -70,6 +73,9 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
     elif (small := small_pairs_tables(config, location)) is not None:  # on the driver: no Ray Data round trip
         buckets = partition_tables(small, parts_uri, data.num_buckets)
     else:
+        from raysys.runtime import ensure_ray
+
+        ensure_ray()  # Ray Data reads, buckets and writes large or remote inputs
         buckets = partition_dataset(tagged_pairs(config, location), parts_uri, data.num_buckets, input_bytes)
     return corpus_uri, write_manifest(corpus_uri, parts, buckets, source=location, fingerprint=fingerprint,
                                       settings=settings, num_buckets=data.num_buckets, split_rule=rule)

@@ -16,9 +16,8 @@ import numpy as np
 import torch
 
 import ray.train
-from raysys import storage
 from raysys.config import Config
-from raysys.data.buckets import MANIFEST, read_rank_rows
+from raysys.data.buckets import read_rank_rows
 from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems
 from raysys.data.share import BucketShare
 from raysys.errors import RaysysError
@@ -46,8 +45,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     local_batch = t.global_batch_size // world
 
     # ---- data: this worker's shard of parallel ids, batched by the shared schedule ----------
-    corpus = loop_config["corpus"]  # bucketed by parallel id: read only this worker's buckets
-    manifest = storage.read_json(storage.join(corpus, MANIFEST))
+    corpus, manifest = loop_config["corpus"], loop_config["manifest"]  # the driver's: read only our buckets
     train_share = BucketShare(corpus, manifest, "train", rank, world, config.data.worker_buffer_rows)
     batcher = HybridBatcher(train_share, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,

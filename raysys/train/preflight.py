@@ -141,7 +141,19 @@ def check_resume(config: Config, total_steps: int) -> None:
     from raysys.train.checkpoint import latest_checkpoint_dir, read_state
 
     checkpoint = latest_checkpoint_dir(str(path))  # a one-line RaysysError when missing or incomplete
-    step = int(read_state(checkpoint)["global_step"])
+    state = read_state(checkpoint)
+    step = int(state["global_step"])
+    # Which buckets each worker reads, and how it chunks them, decide every batch: a resumed run
+    # repeats the interrupted one only with the same workers and data layout.
+    trained = {"train.num_workers": state.get("world_size", config.train.num_workers),
+               **{f"data.{k}": state.get("config", {}).get("data", {}).get(k, getattr(config.data, k))
+                  for k in ("num_buckets", "worker_buffer_rows")}}
+    for key, value in trained.items():
+        section, name = key.split(".")
+        if getattr(getattr(config, section), name) != value:
+            raise config._fail(key, f"{checkpoint} was trained with {key}={value}; resuming with "
+                               f"{getattr(getattr(config, section), name)} would give the workers other "
+                               "data and other batches", f"resume with {key}={value}")
     if step >= total_steps:
         raise config._fail("train.resume_from", f"{checkpoint} is at step {step} but this run has {total_steps} "
                            "optimizer steps: nothing is left to train",

@@ -76,7 +76,7 @@ def build_trainer(config: Config, *, callbacks: list | None = None,
     return TorchTrainer(
         train_loop,
         train_loop_config={"config": config.to_dict(), "facts": facts, "model_path": model_ref,
-                           "corpus": corpus_uri, "resume_from": t.resume_from, "storage_root": root},
+                           "corpus": corpus_uri, "manifest": manifest, "resume_from": t.resume_from, "storage_root": root},
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
         run_config=RunConfig(

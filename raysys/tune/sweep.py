@@ -114,6 +114,12 @@ def run_sweep(config: Config) -> SweepOutcome:
         raise ConfigError(f"tune.mode={s.mode!r}: must be min or max")
     ensure_ray()
     config = distribute_inputs(absolute_paths(config))
+    from raysys.train.datasets import prepare_corpus
+
+    # Once, before the trials: they find it by its fingerprint instead of each bucketing the data
+    # (concurrently) themselves. Trials on other nodes see the data under another local path and
+    # bucket it once per node.
+    prepare_corpus(config)
     storage = storage_dir(config)
     horizon = t.max_steps or 10**9
     scheduler = (tune.schedulers.ASHAScheduler(time_attr="step", max_t=horizon, grace_period=t.eval_every,

@@ -12,7 +12,8 @@ import pytest
 from raysys import storage
 from raysys.config import Config
 from raysys.data.buckets import MANIFEST, bucket_stats, read_rank_rows
-from raysys.data.hybrid import ParallelItems, shard_of
+from raysys.data.buckets import bucket_of as shard_of
+from raysys.data.hybrid import ParallelItems
 from raysys.errors import DataError
 from raysys.train.datasets import compute_facts, lareqa_split_tables, prepare_corpus
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
@@ -156,3 +157,15 @@ def test_a_bad_row_is_one_located_error_and_no_manifest(tmp_path, ray_local, mon
     with pytest.raises(DataError, match=r"pairs\.jsonl.*passage"):
         prepare_corpus(cfg)
     assert not list((tmp_path / "out").rglob(MANIFEST))
+
+
+def test_raysys_prepare_corpus_writes_what_train_reuses(tmp_path, capsys):
+    from raysys.cli import main
+
+    data = write_synthetic_lareqa(tmp_path / "d", articles=4)
+    overrides = [f"data.train={data}", f"output_dir={tmp_path / 'out'}"]
+    assert main(["prepare", "--dataset", "xquad-r", "--model", "", "--corpus", *overrides]) == 0
+    printed = capsys.readouterr().out
+    corpus, manifest = prepare_corpus(Config.from_yaml(None, overrides))  # what train would use
+    assert f"training corpus of {data}: {corpus} (train " in printed
+    assert len(list(storage.local_path(corpus).glob("parts-*"))) == 1  # reused, not written again

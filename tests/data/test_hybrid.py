@@ -2,7 +2,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems, plan_step, shard_of
+from raysys.data.buckets import bucket_of as shard_of
+from raysys.data.hybrid import CROSS, MONO, HybridBatcher, ParallelItems, plan_step
 from raysys.data.schema import PAIR_SCHEMA
 from raysys.errors import ConfigError
 

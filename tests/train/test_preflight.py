@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raysys.config import Config
-from raysys.data.hybrid import shard_of
+from raysys.data.buckets import bucket_of as shard_of
 from raysys.errors import ConfigError, RaysysError
 from raysys.train.datasets import shard_facts
 from raysys.train.preflight import optimizer_steps, position_limit, preflight
@@ -150,11 +150,13 @@ def test_mlflow_logger_without_mlflow(tiny_model_dir):
                   tiny_model_dir)
 
 
-def fake_checkpoint(path: Path, step: int) -> Path:
+def fake_checkpoint(path: Path, step: int, world: int = 2, data: dict | None = None) -> Path:
     path.mkdir(parents=True)
-    (path / "raysys_state.json").write_text(json.dumps({"global_step": step, "world_size": 1}))
-    (path / "manifest-rank0.json").write_text(json.dumps({"raysys_state.json":
-                                                         (path / "raysys_state.json").stat().st_size}))
+    state = {"global_step": step, "world_size": world, "config": {"data": data or {}}}
+    (path / "raysys_state.json").write_text(json.dumps(state))
+    for rank in range(world):
+        (path / f"manifest-rank{rank}.json").write_text(json.dumps({"raysys_state.json":
+                                                                    (path / "raysys_state.json").stat().st_size}))
     return path
 
 
@@ -169,6 +171,14 @@ def test_resume_from_is_checked_in_the_driver(tmp_path, tiny_model_dir):
     assert err.value.field == "train.resume_from"
     middle = fake_checkpoint(tmp_path / "run2" / "checkpoint_3", 3)
     assert preflight(config(*base, f"train.resume_from={middle}"), facts, tiny_model_dir) == 5
+    # other workers or another data layout would give other batches than the interrupted run's
+    for name, kwargs, field in (("w4", {"world": 4}, "train.num_workers"),
+                                ("buf", {"data": {"worker_buffer_rows": 1000}}, "data.worker_buffer_rows"),
+                                ("buckets", {"data": {"num_buckets": 64}}, "data.num_buckets")):
+        other = fake_checkpoint(tmp_path / name / "checkpoint_3", 3, **kwargs)
+        with pytest.raises(ConfigError, match=f"was trained with {field}=") as err:
+            preflight(config(*base, f"train.resume_from={other}"), facts, tiny_model_dir)
+        assert err.value.field == field
 
 
 # ---- through Ray Train: the issue's reproduction, and a driver-side failure --------------------------
