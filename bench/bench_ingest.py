@@ -46,6 +46,11 @@ def log(msg: str) -> None:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS: VmHWM, which starts afresh at exec (ru_maxrss would carry over the
+    forking parent's peak, here the corpus writer's, as a floor)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
