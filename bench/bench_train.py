@@ -242,15 +242,11 @@ def make_config(ov: list[str]):
 
 def train_table(config):
     """The train split exactly as `raysys.train.datasets.lareqa_split_tables` builds it."""
-    from raysys.data.lareqa import read_lareqa_dir
     from raysys.data.prepare import resolve_dataset
-    from raysys.data.split import split_groups, split_table
+    from raysys.train.datasets import lareqa_split_tables
 
     location = str(resolve_dataset(config.data.train, config.data.source_dir))
-    corpus = read_lareqa_dir(location, config.data.languages)
-    groups = list(dict.fromkeys(corpus.pairs.column("group").to_pylist()))
-    d = config.data
-    return split_table(corpus.pairs, split_groups(groups, d.validation_fraction, d.test_fraction))["train"]
+    return lareqa_split_tables(config, location)["train"]
 
 
 # ---- 1. the plain single-process loop ------------------------------------------------------------

@@ -67,8 +67,9 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
     if manifest is not None:
         return corpus_uri, manifest
     parts, parts_uri = new_parts_dir(corpus_uri)
-    rule = LAREQA_SPLIT_RULE if is_lareqa_dir(location) else FILES_SPLIT_RULE
-    if is_lareqa_dir(location):
+    lareqa = is_lareqa_dir(location)
+    rule = LAREQA_SPLIT_RULE if lareqa else FILES_SPLIT_RULE
+    if lareqa:
         buckets = partition_tables(lareqa_split_tables(config, location), parts_uri, data.num_buckets)
     elif (small := small_pairs_tables(config, location)) is not None:  # on the driver: no Ray Data round trip
         buckets = partition_tables(small, parts_uri, data.num_buckets)
