@@ -39,6 +39,16 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> to
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
 
 
+def tokenize_texts(tokenizer, settings: EncoderSettings, texts: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """What `BiEncoder.tokenize` does, with any tokenizer: a thread that tokenizes ahead of the
+    training step uses its own copy (a fast tokenizer is not safe to share between threads)."""
+    prefix, max_len = ((settings.query_prefix, settings.max_query_length) if kind == "query"
+                       else (settings.passage_prefix, settings.max_passage_length))
+    batch = tokenizer([prefix + t for t in texts], padding=True, truncation=True, max_length=max_len,
+                      return_tensors="pt")
+    return dict(batch)
+
+
 class BiEncoder(nn.Module):
     def __init__(self, backbone: nn.Module, tokenizer, settings: EncoderSettings):
         super().__init__()
@@ -63,12 +73,8 @@ class BiEncoder(nn.Module):
     def tokenize(self, texts: list[str], kind: str, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """Prefixed, truncated, padded tensors; on `device` when given (a DeepSpeed engine does
         not move its inputs, so GPU training passes `engine.device`)."""
-        s = self.settings
-        prefix, max_len = ((s.query_prefix, s.max_query_length) if kind == "query"
-                           else (s.passage_prefix, s.max_passage_length))
-        batch = self.tokenizer([prefix + t for t in texts], padding=True, truncation=True,
-                               max_length=max_len, return_tensors="pt")
-        return {k: v.to(device) for k, v in batch.items()} if device is not None else dict(batch)
+        batch = tokenize_texts(self.tokenizer, self.settings, texts, kind)
+        return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """fp32 embeddings whatever the backbone's precision: pooling and normalisation of bf16

@@ -27,6 +27,7 @@ from raysys.train.checkpoint import (EXPORT_DIR, STATE_FILE, checkpoint_from_pat
 from raysys.train.collectives import all_reduce_max, all_reduce_min, mean_over_ranks_each
 from raysys.train.deepspeed_config import build_deepspeed_config, lr_scheduler_factory
 from raysys.train.metrics_logger import MetricsLogger
+from raysys.train.prefetch import Prefetcher, thread_tokenizer
 from raysys.train.selection import BestModel, needs_retrieval
 from raysys.train.step import train_step
 from raysys.train.validation import validation_batches, validation_loss, validation_retrieval
@@ -98,18 +99,22 @@ def train_loop_per_worker(loop_config: dict) -> None:
     logger = MetricsLogger(config, rank, ctx.get_experiment_name(), loop_config.get("storage_root"))
 
     # ---- steps --------------------------------------------------------------------------------
-    pairs_done, window_start = 0, time.perf_counter()
+    pairs_done, window_start, wait_at_window = 0, time.perf_counter(), 0.0
     pending_losses: list = []  # this rank's losses since the last report, on the device
     last = False
     micro_step = global_step * accumulation  # checkpoints are taken at optimizer-step boundaries
-    for epoch in range(micro_step // max(steps_per_epoch, 1), t.epochs):
-        start = micro_step - epoch * steps_per_epoch
-        for _, batch in batcher.epoch(epoch, steps_per_epoch, start_step=start):
+    # The next batches are drawn and tokenized in a thread while this one trains (raysys.train.prefetch).
+    prefetcher = Prefetcher(scheduled_batches(batcher, steps_per_epoch, t.epochs, micro_step),
+                            thread_tokenizer(engine.module), t.mini_batch_size, pin_memory=t.use_gpu)
+    with prefetcher:
+        for ready in prefetcher:
+            epoch, batch = ready.epoch, ready.batch
             if last or global_step >= total_steps:
                 break
             lr = engine.get_lr()[0]  # what this batch's update applies (the scheduler moves at a boundary)
             # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
-            loss, accuracy = train_step(engine, batch, t, seed=config.seed * 1_000_003 + micro_step * 1_009 + rank)
+            loss, accuracy = train_step(engine, batch, t, seed=config.seed * 1_000_003 + micro_step * 1_009 + rank,
+                                        tokens=ready.tokens)
             micro_step += 1
             pairs_done += len(batch.queries) * world
             kinds[batch.plan.kind] += 1
@@ -149,8 +154,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 metrics["best_step"] = best.best_step if best.best_step is not None else global_step
             checkpointing = global_step % t.checkpoint_every == 0 or last or (t.export_best_model and improved)
             if logging:
-                metrics["pairs_per_s"] = pairs_done / max(time.perf_counter() - window_start, 1e-9)
-                pairs_done, window_start = 0, time.perf_counter()
+                window = max(time.perf_counter() - window_start, 1e-9)
+                metrics["pairs_per_s"] = pairs_done / window
+                # Share of the window the step waited for its batch: ~0 when the prefetch keeps up.
+                metrics["data_wait_fraction"] = (prefetcher.wait_s - wait_at_window) / window
+                pairs_done, window_start, wait_at_window = 0, time.perf_counter(), prefetcher.wait_s
             logger.log(metrics, total_steps)
             if checkpointing:
                 metrics.setdefault("val_loss", metrics["loss"])  # no validation split: rank by training loss
@@ -161,9 +169,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 save_and_report(engine, state, metrics, export=last or (t.export_best_model and improved))
             elif logging:
                 ray.train.report(metrics)
-        if last:
-            break
     logger.close()
+
+
+def scheduled_batches(batcher: HybridBatcher, steps_per_epoch: int, epochs: int, micro_step: int):
+    """(epoch, batch) from schedule position `micro_step` (a resumed run's) to the last epoch's end."""
+    first_epoch = micro_step // max(steps_per_epoch, 1)
+    for epoch in range(first_epoch, epochs):
+        start = micro_step - epoch * steps_per_epoch if epoch == first_epoch else 0
+        for _, batch in batcher.epoch(epoch, steps_per_epoch, start_step=start):
+            yield epoch, batch
 
 
 def encoder_settings(config: Config) -> EncoderSettings:

@@ -24,24 +24,36 @@ from raysys.config import TrainConfig
 from raysys.train.loss import info_nce_loss
 
 
-def train_step(engine, batch, train: TrainConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+Tokens = list  # per mini-batch (the whole batch for a plain step): (queries, candidates) tensor dicts
+
+
+def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and in-batch accuracy (detached device tensors) of this worker's share of `batch`;
-    the engine has run one backward and `engine.step()` per DeepSpeed micro-step."""
+    the engine has run one backward and `engine.step()` per DeepSpeed micro-step. `tokens`:
+    `batch_tokens(batch, ...)` made ahead of time (raysys.train.prefetch); tokenized here if absent."""
     engine.train()
+    if tokens is None:
+        tokens = batch_tokens(engine.module.tokenize, batch, train.mini_batch_size)
+    device = engine.device
+    chunks = [tuple({k: v.to(device, non_blocking=True) for k, v in part.items()} for part in chunk)
+              for chunk in tokens]
     if train.mini_batch_size:
-        return cached_step(engine, batch, train, seed)
-    return plain_step(engine, batch, train, seed)
+        return cached_step(engine, batch, chunks, train, seed)
+    return plain_step(engine, batch, chunks[0], train, seed)
 
 
-def _tokenized(engine, batch, start: int = 0, stop: int | None = None):
-    """Queries, and candidates = passages then hard negatives (one forward: same prefix and
-    length limit), of the pairs [start, stop)."""
-    module, device = engine.module, engine.device
-    queries = module.tokenize(batch.queries[start:stop], "query", device)
-    texts = list(batch.passages[start:stop])
-    if batch.hard_negatives is not None:
-        texts += list(batch.hard_negatives[start:stop])
-    return queries, module.tokenize(texts, "passage", device)
+def batch_tokens(tokenize, batch, mini_batch_size: int | None) -> Tokens:
+    """Host tensors of each mini-batch [start, stop): queries, and candidates = passages then hard
+    negatives (one forward: same prefix and length limit). `tokenize(texts, kind)` -> tensor dict."""
+    pairs = len(batch.queries)
+    tokens = []
+    for start, stop in mini_batch_bounds(pairs, mini_batch_size or max(pairs, 1)):
+        texts = list(batch.passages[start:stop])
+        if batch.hard_negatives is not None:
+            texts += list(batch.hard_negatives[start:stop])
+        tokens.append((tokenize(batch.queries[start:stop], "query"), tokenize(texts, "passage")))
+    return tokens
 
 
 def _embed(engine, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,9 +66,9 @@ def _loss(q_emb, c_emb, n_pairs: int, has_negatives: bool, train: TrainConfig):
     return info_nce_loss(q_emb, passages, negatives, temperature=train.temperature, symmetric=train.symmetric_loss)
 
 
-def plain_step(engine, batch, train: TrainConfig, seed: int):
+def plain_step(engine, batch, tokens, train: TrainConfig, seed: int):
     torch.manual_seed(seed)
-    q_emb, c_emb = _embed(engine, *_tokenized(engine, batch))
+    q_emb, c_emb = _embed(engine, *tokens)
     loss, accuracy = _loss(q_emb, c_emb, len(batch.queries), batch.hard_negatives is not None, train)
     engine.backward(loss)
     engine.step()  # DeepSpeed updates only at an accumulation boundary
@@ -67,10 +79,9 @@ def mini_batch_bounds(pairs: int, mini_batch_size: int) -> list[tuple[int, int]]
     return [(start, min(start + mini_batch_size, pairs)) for start in range(0, pairs, mini_batch_size)]
 
 
-def cached_step(engine, batch, train: TrainConfig, seed: int):
+def cached_step(engine, batch, chunks, train: TrainConfig, seed: int):
     pairs, has_negatives = len(batch.queries), batch.hard_negatives is not None
     bounds = mini_batch_bounds(pairs, train.mini_batch_size)
-    chunks = [_tokenized(engine, batch, start, stop) for start, stop in bounds]
     # 1. Embeddings without a graph, mini-batch by mini-batch.
     q_parts, p_parts, n_parts = [], [], []
     with torch.no_grad():

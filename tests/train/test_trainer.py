@@ -47,6 +47,7 @@ def test_training_lowers_loss_and_exports_a_loadable_model(ray_local, tmp_path, 
     assert 0 < outcome.metrics["mono_steps"] < 30  # alpha 0.5 mixes both types
     # The last step validated (checkpoints are ranked by validation loss, not training loss).
     assert "val_accuracy" in outcome.metrics and outcome.metrics["val_loss"] != outcome.metrics["loss"]
+    assert 0.0 <= outcome.metrics["data_wait_fraction"] < 1.0  # batches are tokenized ahead (train.prefetch)
 
     probe = json.loads((ckpt / PROBE_FILE).read_text())
     AutoModel.from_pretrained(ckpt / EXPORT_DIR)  # a plain HF directory
