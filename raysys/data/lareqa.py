@@ -64,6 +64,11 @@ class LareqaCorpus:
                        groups=[g for g in self.groups if g in groups])
 
 
+def is_lareqa_dir(path: str) -> bool:
+    p = Path(path)
+    return p.is_dir() and any(p.glob("*.json")) and not any(p.glob("*.jsonl")) and not any(p.glob("*.parquet"))
+
+
 def read_lareqa_dir(path: str | Path, languages: list[str] | None = None) -> LareqaCorpus:
     """Read every (or the requested) `<lang>.json` of a LAReQA directory."""
     root = Path(path)

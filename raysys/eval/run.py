@@ -20,6 +20,8 @@ from raysys import storage
 from raysys.artifacts import distribute_model
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
+from raysys.data.languages import normalize_language
+from raysys.data.pairs_eval import is_pairs_input, pairs_eval_corpus
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import split_groups
 from raysys.errors import ConfigError
@@ -38,10 +40,15 @@ def encoder_settings(config: Config, max_length: int | None = None) -> EncoderSe
 
 
 def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
-    """The dataset's articles selected by eval.split (the same group split training uses)."""
+    """The dataset's articles (LAReQA directory) or rows (pairs file) selected by eval.split, by
+    the same group split training uses."""
     location = resolve_dataset(name, config.data.source_dir)
-    corpus = read_lareqa_dir(location, config.data.languages)
     split = resolve_split(location, config)
+    if is_pairs_input(str(location)):  # a JSONL / Parquet pairs file: the split training uses for files
+        d = config.data
+        languages = sorted({normalize_language(code) for code in d.languages}) if d.languages else None
+        return pairs_eval_corpus(str(location), split, d.validation_fraction, d.test_fraction, languages)
+    corpus = read_lareqa_dir(location, config.data.languages)
     if split == "all":
         return corpus
     splits = split_groups(corpus.groups, config.data.validation_fraction, config.data.test_fraction)

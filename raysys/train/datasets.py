@@ -23,6 +23,7 @@ from raysys.artifacts import check_shared, storage_root
 from raysys.config import Config
 from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, partition_dataset, partition_tables,
                                  write_manifest)
+from raysys.data.lareqa import is_lareqa_dir
 from raysys.data.prepare import resolve_dataset
 from raysys.data.split import hash_split_names, split_groups, split_table
 from raysys.errors import ConfigError, DataError
@@ -43,11 +44,6 @@ class DataFacts:
     num_rows: int
     # Per worker rank (its buckets, see raysys.data.buckets): what each worker's batches draw from.
     shards: list[dict] = field(default_factory=list)
-
-
-def is_lareqa_dir(path: str) -> bool:
-    p = Path(path)
-    return p.is_dir() and any(p.glob("*.json")) and not any(p.glob("*.jsonl")) and not any(p.glob("*.parquet"))
 
 
 def prepare_corpus(config: Config) -> tuple[str, dict]:

@@ -1,0 +1,46 @@
+"""A pairs file as an evaluation set: a query's relevant answers are its parallel id's passages
+in every language, and eval.split=test holds exactly the groups that training on the file leaves out."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+
+from raysys.config import Config
+from raysys.data.pairs_eval import corpus_from_pairs, is_pairs_input, pairs_eval_corpus
+from raysys.train.datasets import small_pairs_tables
+
+
+def write_pairs(path, n_groups: int = 60, langs=("en", "de")):
+    rows = [{"id": f"g{g}-q{q}", "lang": lang, "query": f"{lang} question {g} {q}",
+             "passage": f"{lang} answer {g} {q}", "group": f"g{g}"}
+            for g in range(n_groups) for q in range(2) for lang in langs]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def test_relevant_answers_are_the_parallel_id_in_every_language():
+    table = pa.table({"id": ["a", "a", "b", "b", "a"], "lang": ["en", "de", "en", "de", "en"],
+                      "query": ["qa", "qa-de", "qb", "qb-de", "qa again"],
+                      "passage": ["pa", "pa-de", "pb", "pb-de", "pa again"], "group": ["x", "x", "y", "y", "x"]})
+    corpus = corpus_from_pairs(table)
+    assert corpus.candidates.column("text").to_pylist() == ["pa", "pa-de", "pb", "pb-de"]  # (a, en) once
+    assert corpus.relevant_by_question() == {"a": {"en": 0, "de": 1}, "b": {"en": 2, "de": 3}}
+    assert corpus.languages == ["de", "en"] and corpus.groups == ["x", "y"]
+
+
+def test_test_split_is_what_training_leaves_out(tmp_path):
+    path = write_pairs(tmp_path / "pairs.jsonl")
+    assert is_pairs_input(str(path)) and not is_pairs_input(str(tmp_path / "missing-dir"))
+    config = Config.from_yaml(None, [f"data.train={path}", "data.validation_fraction=0.2",
+                                     "data.test_fraction=0.2"])
+    trained = small_pairs_tables(config, str(path))
+    ids = {name: set(pairs_eval_corpus(str(path), name, 0.2, 0.2).pairs.column("id").to_pylist())
+           for name in ("train", "validation", "test")}
+    assert ids["test"], "60 groups at test_fraction 0.2 left no test rows"
+    assert ids["train"] == set(trained["train"].column("id").to_pylist())
+    assert ids["validation"] == set(trained["validation"].column("id").to_pylist())
+    assert not ids["test"] & (ids["train"] | ids["validation"])
+    everything = set(pairs_eval_corpus(str(path), "all", 0.2, 0.2).pairs.column("id").to_pylist())
+    assert ids["train"] | ids["validation"] | ids["test"] == everything and len(everything) == 120
