@@ -33,9 +33,13 @@ class DataConfig:
     # A local directory to copy a named dataset from when it is not in the cache yet.
     source_dir: str | None = None
     languages: list[str] | None = None  # None: every language found
-    # Group-wise split (by article title): the last fractions of groups in file order.
+    # Group-wise split (whole groups: LAReQA articles, a file's `group` column, default its id).
     validation_fraction: float = 0.1
     test_fraction: float = 0.15
+    # auto (order for LAReQA directories: the protocol's article split; hash for files) | order (the
+    # last groups in order of first appearance; files: local inputs up to 256 MiB) | hash (a stable hash of
+    # the group). Training and evaluation apply the same rule; raysys.data.split.
+    split_rule: str = "auto"
     # LAReQA training data: None (random in-batch negatives only) | "paragraph" (each pair also gets
     # another sentence of its gold paragraph as a hard negative: raysys.data.negatives).
     hard_negatives: str | None = None
@@ -271,6 +275,8 @@ class Config:
         if d.validation_fraction + d.test_fraction >= 1:
             raise fail("data.test_fraction", f"data.validation_fraction + data.test_fraction = "
                        f"{d.validation_fraction + d.test_fraction} leaves nothing to train on", "keep the sum below 1")
+        if d.split_rule not in ("auto", "order", "hash"):
+            raise fail("data.split_rule", f"unknown rule {d.split_rule!r}", "use auto, order or hash")
         if d.worker_buffer_rows < 1:
             raise fail("data.worker_buffer_rows", f"{d.worker_buffer_rows} is below 1", "use e.g. 200000")
         if d.num_buckets < 1:

@@ -3,8 +3,8 @@
 Each row's query retrieves from a pool that holds the passage of every row; a query's relevant
 answers are the passages of its parallel id in every language, as LAReQA's gold sentences are
 (so mono / cross / multi mAP and rank distance mean the same). One candidate per (id, language):
-a repeated row is one item, not two golds. The split is the one training applies to files
-(`hash_split_names` of each row's group, `data.validation_fraction` / `data.test_fraction`), so
+a repeated row is one item, not two golds. The split is the one training applies to the file
+(`data.split_rule`, by each row's group, `data.validation_fraction` / `data.test_fraction`), so
 `eval.split=test` scores exactly the groups a run trained on this file never saw.
 """
 
@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysys.data.lareqa import CANDIDATE_SCHEMA, QUESTION_SCHEMA, LareqaCorpus, is_lareqa_dir
-from raysys.data.split import hash_split_names
+from raysys.data.split import split_names
 from raysys.errors import DataError
 
 
@@ -31,13 +31,16 @@ def is_pairs_input(location: str) -> bool:
                               and (any(path.glob("*.jsonl*")) or any(path.glob("*.parquet"))))
 
 
-def read_pairs_table(location: str) -> pa.Table:
+def read_pairs_table(location: str, rule: str) -> pa.Table:
     """Every validated row: on the driver for small local files, else read by Ray Data tasks."""
     from raysys.data.files import read_pairs, small_local_pairs
 
     table = small_local_pairs(location)
     if table is not None:
         return table
+    from raysys.train.datasets import refuse_order_split
+
+    refuse_order_split(rule, location)  # as training does: no file order across Ray Data tasks
     import ray
 
     from raysys.runtime import ensure_ray
@@ -46,13 +49,14 @@ def read_pairs_table(location: str) -> pa.Table:
     return pa.concat_tables(ray.get(read_pairs(location).to_arrow_refs()))
 
 
-def pairs_eval_corpus(location: str, split: str, validation_fraction: float, test_fraction: float,
+def pairs_eval_corpus(location: str, split: str, rule: str, validation_fraction: float, test_fraction: float,
                       languages: list[str] | None = None) -> LareqaCorpus:
-    table = read_pairs_table(location)
+    """The rows of `split` (or all) under split rule `rule` (`order` / `hash`) as an evaluation set."""
+    table = read_pairs_table(location, rule)
     if languages is not None:
         table = table.filter(pc.is_in(table.column("lang"), value_set=pa.array(languages, pa.string())))
     if split != "all":
-        names = hash_split_names(table.column("group"), validation_fraction, test_fraction)
+        names = split_names(table.column("group"), rule, validation_fraction, test_fraction)
         table = table.filter(pc.equal(names, split))
     if len(table) == 0:
         raise DataError(f"no rows in the {split} split", file=str(location),

@@ -1,5 +1,13 @@
 """Deterministic group-wise splits: whole articles (all their languages) go to one split, so no
-parallel version of a training item is ever evaluated (that would leak through translation)."""
+parallel version of a training item is ever evaluated (that would leak through translation).
+
+Two rules, each applicable to every input type (`data.split_rule`; training and evaluation use
+the same one, and the corpus manifest records it):
+- `order`: groups in order of first appearance; the last ones are test, the ones before them
+  validation (the LAReQA protocol's article split, and `auto`'s choice for LAReQA directories);
+- `hash`: a stable hash of the group decides (no global order needed, so it works on rows streamed
+  by any Ray Data task: `auto`'s choice for JSONL / Parquet files).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +15,33 @@ import math
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
-from raysys.errors import ConfigError, DataError
+from raysys.errors import ConfigError
 
 SPLITS = ("train", "validation", "test")
+SPLIT_RULES = ("auto", "order", "hash")
+RULE_TEXT = {"order": "order: whole groups in order of first appearance; the last ones are test, the ones before "
+                      "them validation",
+             "hash": "hash: a stable hash (blake2b) of each row's group decides its split"}
+
+
+def resolve_split_rule(rule: str, lareqa: bool) -> str:
+    """`auto` -> `order` for LAReQA directories (the protocol's article split), `hash` for files."""
+    if rule not in SPLIT_RULES:
+        raise ConfigError(f"unknown data.split_rule {rule!r}: use auto, order or hash")
+    return ("order" if lareqa else "hash") if rule == "auto" else rule
+
+
+def split_names(groups: pa.Array | pa.ChunkedArray, rule: str, validation_fraction: float,
+                test_fraction: float) -> pa.Array:
+    """The split of each row by its group under `rule` (`order` or `hash`). `order` ranks the groups
+    by first appearance in `groups`, so it needs every row in order (driver-side inputs)."""
+    if rule == "hash":
+        return hash_split_names(groups, validation_fraction, test_fraction)
+    values = groups.to_pylist()
+    split_of = {group: name for name, members in split_groups(values, validation_fraction, test_fraction).items()
+                for group in members}
+    return pa.array([split_of[g] for g in values], pa.string())
 
 
 def split_groups(groups_in_order: list[str], validation_fraction: float,
@@ -45,26 +75,3 @@ def hash_split_names(groups: pa.Array | pa.ChunkedArray, validation_fraction: fl
     u = hash_unit(groups.to_pylist()) / 2**64
     return pa.array(np.where(u < test_fraction, "test",
                              np.where(u < test_fraction + validation_fraction, "validation", "train")))
-
-
-def split_table(table: pa.Table, splits: dict[str, set[str]]) -> dict[str, pa.Table]:
-    """Rows of `table` per split, by its `group` column; every group must belong to a split."""
-    groups = table.column("group")
-    known = set().union(*splits.values()) if splits else set()
-    unknown = set(pc.unique(groups).to_pylist()) - known
-    if unknown:
-        raise DataError(f"group {sorted(unknown)[0]!r} belongs to no split "
-                        f"({len(unknown)} such group(s))", field="group")
-    return {name: table.filter(pc.is_in(groups, value_set=pa.array(sorted(members), pa.string())))
-            for name, members in splits.items()}
-
-
-def check_no_leak(splits_tables: dict[str, pa.Table]) -> None:
-    """Raise if a parallel id appears in two splits (its translations would leak)."""
-    owner: dict[str, str] = {}
-    for name, table in splits_tables.items():
-        for parallel_id in pc.unique(table.column("id")).to_pylist():
-            other = owner.setdefault(parallel_id, name)
-            if other != name:
-                raise DataError(f"parallel id {parallel_id!r} is in both the {other} and the {name} split",
-                                field="id", hint="split by a group that holds all versions of an item")

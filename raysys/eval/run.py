@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from raysys import storage
 from raysys.artifacts import distribute_model
@@ -23,7 +25,7 @@ from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.languages import normalize_language
 from raysys.data.pairs_eval import is_pairs_input, pairs_eval_corpus
 from raysys.data.prepare import DATASETS, resolve_dataset
-from raysys.data.split import split_groups
+from raysys.data.split import resolve_split_rule, split_names
 from raysys.errors import ConfigError
 from raysys.eval.encode import encode_sets, read_embeddings
 from raysys.eval.lareqa import evaluate_lareqa_stored
@@ -44,15 +46,18 @@ def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
     the same group split training uses."""
     location = resolve_dataset(name, config.data.source_dir)
     split = resolve_split(location, config)
-    if is_pairs_input(str(location)):  # a JSONL / Parquet pairs file: the split training uses for files
-        d = config.data
+    d = config.data
+    if is_pairs_input(str(location)):  # a JSONL / Parquet pairs file
         languages = sorted({normalize_language(code) for code in d.languages}) if d.languages else None
-        return pairs_eval_corpus(str(location), split, d.validation_fraction, d.test_fraction, languages)
-    corpus = read_lareqa_dir(location, config.data.languages)
+        return pairs_eval_corpus(str(location), split, resolve_split_rule(d.split_rule, lareqa=False),
+                                 d.validation_fraction, d.test_fraction, languages)
+    corpus = read_lareqa_dir(location, d.languages)
     if split == "all":
         return corpus
-    splits = split_groups(corpus.groups, config.data.validation_fraction, config.data.test_fraction)
-    return corpus.subset(splits[split])
+    groups = pa.array(corpus.groups, pa.string())
+    names = split_names(groups, resolve_split_rule(d.split_rule, lareqa=True), d.validation_fraction,
+                        d.test_fraction)
+    return corpus.subset(set(groups.filter(pc.equal(names, split)).to_pylist()))
 
 
 def resolve_split(location, config: Config) -> str:

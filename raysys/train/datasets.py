@@ -25,12 +25,10 @@ from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, 
                                  write_manifest)
 from raysys.data.lareqa import is_lareqa_dir
 from raysys.data.prepare import resolve_dataset
-from raysys.data.split import hash_split_names, split_groups, split_table
+from raysys.data.split import RULE_TEXT, resolve_split_rule, split_names
 from raysys.errors import ConfigError, DataError
 from raysys.runtime import is_multi_node
 
-LAREQA_SPLIT_RULE = "LAReQA: whole articles; the last ones in file order are test, the ones before them validation"
-FILES_SPLIT_RULE = "files: a stable hash (blake2b) of each row's group decides its split"
 
 
 @dataclass
@@ -51,9 +49,13 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
     validation splits), written unless a complete one with the same fingerprint exists: (uri, manifest)."""
     data = config.data
     location = str(resolve_dataset(data.train, data.source_dir))
+    lareqa = is_lareqa_dir(location)
+    rule = resolve_split_rule(data.split_rule, lareqa)
     settings = {"languages": data.languages, "validation_fraction": data.validation_fraction,
                 "test_fraction": data.test_fraction, "hard_negatives": data.hard_negatives,
                 "num_buckets": data.num_buckets}
+    if rule != ("order" if lareqa else "hash"):  # the default rule keeps the fingerprints of earlier corpora
+        settings["split_rule"] = rule
     fingerprint, input_bytes = input_fingerprint(location, settings)
     root = storage_root(config)
     if is_multi_node():
@@ -63,8 +65,6 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
     if manifest is not None:
         return corpus_uri, manifest
     parts, parts_uri = new_parts_dir(corpus_uri)
-    lareqa = is_lareqa_dir(location)
-    rule = LAREQA_SPLIT_RULE if lareqa else FILES_SPLIT_RULE
     if lareqa:
         buckets = partition_tables(lareqa_split_tables(config, location), parts_uri, data.num_buckets)
     elif (small := small_pairs_tables(config, location)) is not None:  # on the driver: no Ray Data round trip
@@ -75,7 +75,7 @@ def prepare_corpus(config: Config) -> tuple[str, dict]:
         ensure_ray()  # Ray Data reads, buckets and writes large or remote inputs
         buckets = partition_dataset(tagged_pairs(config, location), parts_uri, data.num_buckets, input_bytes)
     return corpus_uri, write_manifest(corpus_uri, parts, buckets, source=location, fingerprint=fingerprint,
-                                      settings=settings, num_buckets=data.num_buckets, split_rule=rule)
+                                      settings=settings, num_buckets=data.num_buckets, split_rule=RULE_TEXT[rule])
 
 
 def lareqa_split_tables(config: Config, location: str) -> dict[str, pa.Table]:
@@ -88,9 +88,12 @@ def lareqa_split_tables(config: Config, location: str) -> dict[str, pa.Table]:
         from raysys.data.negatives import with_paragraph_negatives
 
         corpus = with_paragraph_negatives(corpus)
-    groups = list(dict.fromkeys(corpus.pairs.column("group").to_pylist()))
-    tables = split_table(corpus.pairs, split_groups(groups, data.validation_fraction, data.test_fraction))
-    return {name: tables[name] for name in ("train", "validation")}
+    return _split_tables(corpus.pairs, resolve_split_rule(data.split_rule, lareqa=True), config)
+
+
+def _split_tables(table: pa.Table, rule: str, config: Config) -> dict[str, pa.Table]:
+    names = split_names(table.column("group"), rule, config.data.validation_fraction, config.data.test_fraction)
+    return {name: table.filter(pc.equal(names, name)) for name in ("train", "validation")}
 
 
 def _refuse_hard_negatives(config: Config, location: str) -> None:
@@ -98,6 +101,14 @@ def _refuse_hard_negatives(config: Config, location: str) -> None:
         raise ConfigError(f"data.hard_negatives={config.data.hard_negatives} needs LAReQA training data; {location} "
                           "is JSONL/Parquet", field="data.hard_negatives",
                           hint="give JSONL/Parquet rows a hard_negative column instead, or set it to null")
+
+
+def refuse_order_split(rule: str, location: str) -> None:
+    """The order rule ranks groups by first appearance over every row: only inputs read whole on the driver."""
+    if rule == "order":
+        raise ConfigError(f"data.split_rule=order needs the rows in file order on the driver, and {location} is "
+                          "remote or over 256 MiB", field="data.split_rule",
+                          hint="use data.split_rule=hash (or auto) for large or remote JSONL / Parquet inputs")
 
 
 def _wanted_languages(config: Config) -> list[str] | None:
@@ -117,8 +128,7 @@ def small_pairs_tables(config: Config, location: str) -> dict[str, pa.Table] | N
         return None
     if (wanted := _wanted_languages(config)) is not None:
         table = table.filter(pc.is_in(table.column("lang"), value_set=pa.array(wanted, pa.string())))
-    names = hash_split_names(table.column("group"), config.data.validation_fraction, config.data.test_fraction)
-    return {name: table.filter(pc.equal(names, name)) for name in ("train", "validation")}
+    return _split_tables(table, resolve_split_rule(config.data.split_rule, lareqa=False), config)
 
 
 def tagged_pairs(config: Config, location: str) -> ray.data.Dataset:
@@ -126,13 +136,14 @@ def tagged_pairs(config: Config, location: str) -> ray.data.Dataset:
     from raysys.data.files import read_pairs
 
     _refuse_hard_negatives(config, location)
+    refuse_order_split(config.data.split_rule, location)
     ds = read_pairs(location)
     if (wanted := _wanted_languages(config)) is not None:
         ds = ds.filter(expr=col("lang").is_in(wanted))  # vectorised
     validation, test = config.data.validation_fraction, config.data.test_fraction
 
     def tag_split(batch: pa.Table) -> pa.Table:
-        return batch.append_column("split", hash_split_names(batch.column("group"), validation, test))
+        return batch.append_column("split", split_names(batch.column("group"), "hash", validation, test))
 
     return ds.map_batches(tag_split, batch_format="pyarrow").filter(expr=col("split") != "test")
 

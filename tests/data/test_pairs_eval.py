@@ -36,11 +36,11 @@ def test_test_split_is_what_training_leaves_out(tmp_path):
     config = Config.from_yaml(None, [f"data.train={path}", "data.validation_fraction=0.2",
                                      "data.test_fraction=0.2"])
     trained = small_pairs_tables(config, str(path))
-    ids = {name: set(pairs_eval_corpus(str(path), name, 0.2, 0.2).pairs.column("id").to_pylist())
+    ids = {name: set(pairs_eval_corpus(str(path), name, "hash", 0.2, 0.2).pairs.column("id").to_pylist())
            for name in ("train", "validation", "test")}
     assert ids["test"], "60 groups at test_fraction 0.2 left no test rows"
     assert ids["train"] == set(trained["train"].column("id").to_pylist())
     assert ids["validation"] == set(trained["validation"].column("id").to_pylist())
     assert not ids["test"] & (ids["train"] | ids["validation"])
-    everything = set(pairs_eval_corpus(str(path), "all", 0.2, 0.2).pairs.column("id").to_pylist())
+    everything = set(pairs_eval_corpus(str(path), "all", "hash", 0.2, 0.2).pairs.column("id").to_pylist())
     assert ids["train"] | ids["validation"] | ids["test"] == everything and len(everything) == 120

@@ -8,9 +8,8 @@ import pyarrow as pa
 import pytest
 
 from raysys.data.lareqa import read_lareqa_dir
-from raysys.data.schema import PAIR_SCHEMA
-from raysys.data.split import check_no_leak, split_groups, split_table
-from raysys.errors import ConfigError, DataError
+from raysys.data.split import resolve_split_rule, split_groups, split_names
+from raysys.errors import ConfigError
 
 
 def test_xquad_r_split_by_article(xquad_r_dir):
@@ -24,12 +23,12 @@ def test_xquad_r_split_by_article(xquad_r_dir):
     assert splits["train"] == {f"article-{i:03d}" for i in range(35)}
     assert splits["validation"] == {f"article-{i:03d}" for i in range(35, 40)}
     assert splits["test"] == {f"article-{i:03d}" for i in range(40, 48)}
-    tables = split_table(corpus.pairs, splits)
-    assert sum(t.num_rows for t in tables.values()) == corpus.pairs.num_rows
-    check_no_leak(tables)
-    for table in tables.values():  # all 11 versions of every id stay together
-        ids = table.column("id").to_pylist()
-        assert all(ids.count(i) == 11 for i in set(ids[:50]))
+    names = split_names(corpus.pairs.column("group"), "order", 0.1, 0.15).to_pylist()
+    owner: dict[str, str] = {}
+    for parallel_id, group, name in zip(corpus.pairs.column("id").to_pylist(), groups_of(corpus), names):
+        assert group in splits[name]
+        assert owner.setdefault(parallel_id, name) == name  # all 11 versions of an id in one split: no leak
+    assert {n: names.count(n) for n in set(names)}.keys() == {"train", "validation", "test"}
 
 
 def test_fraction_rounding_and_order():
@@ -47,16 +46,54 @@ def test_bad_fractions():
         split_groups(["a", "b"], 0.1, 0.1)
 
 
-def _pairs(rows: list[tuple[str, str]]) -> pa.Table:
-    return pa.table({"id": [r[0] for r in rows], "lang": ["en"] * len(rows), "query": ["q"] * len(rows),
-                     "passage": ["p"] * len(rows), "hard_negative": [None] * len(rows),
-                     "context": [None] * len(rows), "group": [r[1] for r in rows],
-                     "origin": ["f:1"] * len(rows)}, schema=PAIR_SCHEMA)
+def groups_of(corpus) -> list[str]:
+    return corpus.pairs.column("group").to_pylist()
 
 
-def test_leak_and_unknown_group_are_reported():
-    tables = {"train": _pairs([("x", "a")]), "test": _pairs([("x", "b")])}
-    with pytest.raises(DataError, match="'x' is in both the train and the test split"):
-        check_no_leak(tables)
-    with pytest.raises(DataError, match="group 'c' belongs to no split"):
-        split_table(_pairs([("x", "c")]), {"train": {"a"}, "validation": set(), "test": set()})
+def test_both_rules_split_whole_groups_and_auto_picks_by_input_type():
+    groups = pa.array([f"g{i % 40}" for i in range(400)])
+    for rule in ("order", "hash"):
+        names = split_names(groups, rule, 0.2, 0.2).to_pylist()
+        split_of: dict[str, str] = {}
+        for group, name in zip(groups.to_pylist(), names):
+            assert split_of.setdefault(group, name) == name
+        assert set(names) == {"train", "validation", "test"}
+    order = split_names(groups, "order", 0.2, 0.2).to_pylist()
+    assert order[:40] == ["train"] * 24 + ["validation"] * 8 + ["test"] * 8  # first-appearance order
+    assert resolve_split_rule("auto", lareqa=True) == "order" and resolve_split_rule("auto", lareqa=False) == "hash"
+    assert resolve_split_rule("hash", lareqa=True) == "hash"
+    with pytest.raises(ConfigError, match="split_rule"):
+        resolve_split_rule("random", lareqa=False)
+
+
+@pytest.mark.parametrize("rule", ["order", "hash"])
+def test_a_lareqa_set_and_the_same_rows_as_jsonl_split_alike(tmp_path, rule):
+    """One rule for every input type: the same groups land in the same split, LAReQA or file."""
+    import json
+
+    from raysys.config import Config
+    from raysys.train.datasets import lareqa_split_tables, small_pairs_tables
+    from tests.eval.lareqa_fixture import write_synthetic_lareqa
+
+    lareqa = write_synthetic_lareqa(tmp_path / "lareqa", articles=12)
+    pairs = read_lareqa_dir(lareqa).pairs
+    jsonl = tmp_path / "pairs.jsonl"
+    jsonl.write_text("".join(json.dumps({k: row[k] for k in ("id", "lang", "query", "passage", "group")}) + "\n"
+                             for row in pairs.to_pylist()), encoding="utf-8")
+    fractions = ["data.validation_fraction=0.2", "data.test_fraction=0.2", f"data.split_rule={rule}"]
+    from_dir = lareqa_split_tables(Config.from_yaml(None, [f"data.train={lareqa}", *fractions]), str(lareqa))
+    from_file = small_pairs_tables(Config.from_yaml(None, [f"data.train={jsonl}", *fractions]), str(jsonl))
+    for name in ("train", "validation"):
+        assert len(from_dir[name]) > 0
+        keys = [set(zip(t[name].column("id").to_pylist(), t[name].column("lang").to_pylist()))
+                for t in (from_dir, from_file)]
+        assert keys[0] == keys[1], name
+
+
+def test_the_order_rule_is_refused_for_inputs_read_by_ray_data():
+    from raysys.config import Config
+    from raysys.train.datasets import tagged_pairs
+
+    config = Config.from_yaml(None, ["data.train=s3://corpus/pairs.jsonl", "data.split_rule=order"])
+    with pytest.raises(ConfigError, match="data.split_rule=order needs the rows in file order"):
+        tagged_pairs(config, config.data.train)

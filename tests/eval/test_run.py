@@ -123,9 +123,24 @@ def test_evaluates_the_test_split_of_a_pairs_file(ray_local, tmp_path, tiny_mode
     path = write_pairs(tmp_path / "pairs.jsonl", langs=("en", "de", "fr"))
     config = Config.from_yaml(None, [f"data.train={path}", "data.test_fraction=0.2", "eval.max_length=32"])
     results = evaluate(str(tiny_model_dir), [str(path)], config, tmp_path / "work", progress=False)
-    held_out = pairs_eval_corpus(str(path), "test", config.data.validation_fraction, 0.2)
+    held_out = pairs_eval_corpus(str(path), "test", "hash", config.data.validation_fraction, 0.2)
     queries_per_language = len(held_out.questions) // 3
     result = results[str(path)]
     assert result["summary"]["monolingual"]["num_pairs"] == 3 and result["summary"]["cross_lingual"]["num_pairs"] == 6
     assert {v["num_queries"] for v in result["pairs"].values()} == {queries_per_language}
     assert 0 < result["summary"]["multilingual"]["map"] <= 1
+
+
+@pytest.mark.parametrize("rule", ["order", "hash"])
+def test_evaluation_holds_out_what_training_left_out_under_either_rule(tmp_path, rule):
+    from raysys.eval.run import load_eval_corpus
+    from raysys.train.datasets import lareqa_split_tables
+
+    lareqa = write_synthetic_lareqa(tmp_path / "lareqa", articles=12)
+    config = Config.from_yaml(None, [f"data.train={lareqa}", "data.validation_fraction=0.2", "data.test_fraction=0.2",
+                                     f"data.split_rule={rule}"])
+    test_groups = set(load_eval_corpus(str(lareqa), config).questions.column("group").to_pylist())
+    trained = lareqa_split_tables(config, str(lareqa))
+    seen = {g for table in trained.values() for g in table.column("group").to_pylist()}
+    assert test_groups and not test_groups & seen
+    assert test_groups | seen == {f"article-{i:03d}" for i in range(12)}
