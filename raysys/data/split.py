@@ -75,3 +75,11 @@ def hash_split_names(groups: pa.Array | pa.ChunkedArray, validation_fraction: fl
     u = hash_unit(groups.to_pylist()) / 2**64
     return pa.array(np.where(u < test_fraction, "test",
                              np.where(u < test_fraction + validation_fraction, "validation", "train")))
+
+
+def refuse_order_split(rule: str, location: str) -> None:
+    """The order rule ranks groups by first appearance over every row: only inputs read whole on the driver."""
+    if rule == "order":
+        raise ConfigError(f"data.split_rule=order needs the rows in file order on the driver, and {location} is "
+                          "remote or over 256 MiB", field="data.split_rule",
+                          hint="use data.split_rule=hash (or auto) for large or remote JSONL / Parquet inputs")

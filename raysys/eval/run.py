@@ -23,7 +23,7 @@ from raysys.artifacts import distribute_model
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.languages import normalize_language
-from raysys.data.pairs_eval import is_pairs_input, pairs_eval_corpus
+from raysys.eval.pairs_corpus import is_pairs_input, pairs_eval_corpus, read_pairs_table
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import resolve_split_rule, split_names
 from raysys.errors import ConfigError
@@ -45,13 +45,15 @@ def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
     """The dataset's articles (LAReQA directory) or rows (pairs file) selected by eval.split, by
     the same group split training uses."""
     location = resolve_dataset(name, config.data.source_dir)
-    split = resolve_split(location, config)
     d = config.data
     if is_pairs_input(str(location)):  # a JSONL / Parquet pairs file
+        rule = resolve_split_rule(d.split_rule, lareqa=False)
+        table = read_pairs_table(str(location), rule)  # bad rows fail here, before the split is resolved
         languages = sorted({normalize_language(code) for code in d.languages}) if d.languages else None
-        return pairs_eval_corpus(str(location), split, resolve_split_rule(d.split_rule, lareqa=False),
+        return pairs_eval_corpus(table, str(location), resolve_split(location, config), rule,
                                  d.validation_fraction, d.test_fraction, languages)
     corpus = read_lareqa_dir(location, d.languages)
+    split = resolve_split(location, config)
     if split == "all":
         return corpus
     groups = pa.array(corpus.groups, pa.string())

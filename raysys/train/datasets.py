@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -25,7 +24,7 @@ from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, 
                                  write_manifest)
 from raysys.data.lareqa import is_lareqa_dir
 from raysys.data.prepare import resolve_dataset
-from raysys.data.split import RULE_TEXT, resolve_split_rule, split_names
+from raysys.data.split import RULE_TEXT, refuse_order_split, resolve_split_rule, split_names
 from raysys.errors import ConfigError, DataError
 from raysys.runtime import is_multi_node
 
@@ -101,14 +100,6 @@ def _refuse_hard_negatives(config: Config, location: str) -> None:
         raise ConfigError(f"data.hard_negatives={config.data.hard_negatives} needs LAReQA training data; {location} "
                           "is JSONL/Parquet", field="data.hard_negatives",
                           hint="give JSONL/Parquet rows a hard_negative column instead, or set it to null")
-
-
-def refuse_order_split(rule: str, location: str) -> None:
-    """The order rule ranks groups by first appearance over every row: only inputs read whole on the driver."""
-    if rule == "order":
-        raise ConfigError(f"data.split_rule=order needs the rows in file order on the driver, and {location} is "
-                          "remote or over 256 MiB", field="data.split_rule",
-                          hint="use data.split_rule=hash (or auto) for large or remote JSONL / Parquet inputs")
 
 
 def _wanted_languages(config: Config) -> list[str] | None:

@@ -117,13 +117,14 @@ def test_embedding_cache_key_records_device_and_precision():
 
 def test_evaluates_the_test_split_of_a_pairs_file(ray_local, tmp_path, tiny_model_dir):
     """A JSONL training file's held-out rows are evaluated like a LAReQA set (eval.split=auto)."""
-    from raysys.data.pairs_eval import pairs_eval_corpus
-    from tests.data.test_pairs_eval import write_pairs
+    from raysys.eval.pairs_corpus import pairs_eval_corpus, read_pairs_table
+    from tests.eval.test_pairs_corpus import write_pairs
 
     path = write_pairs(tmp_path / "pairs.jsonl", langs=("en", "de", "fr"))
     config = Config.from_yaml(None, [f"data.train={path}", "data.test_fraction=0.2", "eval.max_length=32"])
     results = evaluate(str(tiny_model_dir), [str(path)], config, tmp_path / "work", progress=False)
-    held_out = pairs_eval_corpus(str(path), "test", "hash", config.data.validation_fraction, 0.2)
+    held_out = pairs_eval_corpus(read_pairs_table(str(path), "hash"), str(path), "test", "hash",
+                                 config.data.validation_fraction, 0.2)
     queries_per_language = len(held_out.questions) // 3
     result = results[str(path)]
     assert result["summary"]["monolingual"]["num_pairs"] == 3 and result["summary"]["cross_lingual"]["num_pairs"] == 6

@@ -8,7 +8,7 @@ import json
 import pyarrow as pa
 
 from raysys.config import Config
-from raysys.data.pairs_eval import corpus_from_pairs, is_pairs_input, pairs_eval_corpus
+from raysys.eval.pairs_corpus import corpus_from_pairs, is_pairs_input, pairs_eval_corpus, read_pairs_table
 from raysys.train.datasets import small_pairs_tables
 
 
@@ -21,13 +21,14 @@ def write_pairs(path, n_groups: int = 60, langs=("en", "de")):
 
 
 def test_relevant_answers_are_the_parallel_id_in_every_language():
-    table = pa.table({"id": ["a", "a", "b", "b", "a"], "lang": ["en", "de", "en", "de", "en"],
-                      "query": ["qa", "qa-de", "qb", "qb-de", "qa again"],
-                      "passage": ["pa", "pa-de", "pb", "pb-de", "pa again"], "group": ["x", "x", "y", "y", "x"]})
+    table = pa.table({"id": ["a", "a", "b", "b", "c"], "lang": ["en", "de", "en", "de", "en"],
+                      "query": ["qa", "qa-de", "qb", "qb-de", "qc"],
+                      "passage": ["pa", "pa-de", "pb", "pb-de", "pa"], "group": ["x", "x", "y", "y", "x"]})
     corpus = corpus_from_pairs(table)
-    assert corpus.candidates.column("text").to_pylist() == ["pa", "pa-de", "pb", "pb-de"]  # (a, en) once
-    assert corpus.relevant_by_question() == {"a": {"en": 0, "de": 1}, "b": {"en": 2, "de": 3}}
-    assert corpus.languages == ["de", "en"] and corpus.groups == ["x", "y"]
+    texts = corpus.candidates.column("text").to_pylist()
+    assert texts == ["pa-de", "pb-de", "pa", "pb"]  # one candidate per distinct passage and language
+    assert corpus.relevant_by_question() == {"a": {"de": 0, "en": 2}, "b": {"de": 1, "en": 3}, "c": {"en": 2}}
+    assert corpus.languages == ["de", "en"]
 
 
 def test_test_split_is_what_training_leaves_out(tmp_path):
@@ -36,11 +37,15 @@ def test_test_split_is_what_training_leaves_out(tmp_path):
     config = Config.from_yaml(None, [f"data.train={path}", "data.validation_fraction=0.2",
                                      "data.test_fraction=0.2"])
     trained = small_pairs_tables(config, str(path))
-    ids = {name: set(pairs_eval_corpus(str(path), name, "hash", 0.2, 0.2).pairs.column("id").to_pylist())
-           for name in ("train", "validation", "test")}
+    rows = read_pairs_table(str(path), "hash")
+
+    def ids_of(split: str) -> set:
+        return set(pairs_eval_corpus(rows, str(path), split, "hash", 0.2, 0.2).questions.column("id").to_pylist())
+
+    ids = {name: ids_of(name) for name in ("train", "validation", "test")}
     assert ids["test"], "60 groups at test_fraction 0.2 left no test rows"
     assert ids["train"] == set(trained["train"].column("id").to_pylist())
     assert ids["validation"] == set(trained["validation"].column("id").to_pylist())
     assert not ids["test"] & (ids["train"] | ids["validation"])
-    everything = set(pairs_eval_corpus(str(path), "all", "hash", 0.2, 0.2).pairs.column("id").to_pylist())
+    everything = ids_of("all")
     assert ids["train"] | ids["validation"] | ids["test"] == everything and len(everything) == 120
