@@ -64,3 +64,8 @@ def check_language(code: str, *, file: str | None = None, row: int | None = None
                         hint="use an ISO 639-1 two-letter code such as 'en', 'de', 'zh', "
                              "optionally with a region/script subtag like 'pt-br' or 'zh-hans'")
     return normalized
+
+
+def wanted_languages(codes: list[str] | None) -> list[str] | None:
+    """`data.languages` as the normalised codes that rows hold (None: every language)."""
+    return sorted({normalize_language(code) for code in codes}) if codes else None

@@ -22,7 +22,7 @@ from raysys import storage
 from raysys.artifacts import distribute_model
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
-from raysys.data.languages import normalize_language
+from raysys.data.languages import wanted_languages
 from raysys.eval.pairs_corpus import is_pairs_input, pairs_eval_corpus, read_pairs_table
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import resolve_split_rule, split_names
@@ -49,9 +49,8 @@ def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
     if is_pairs_input(str(location)):  # a JSONL / Parquet pairs file
         rule = resolve_split_rule(d.split_rule, lareqa=False)
         table = read_pairs_table(str(location), rule)  # bad rows fail here, before the split is resolved
-        languages = sorted({normalize_language(code) for code in d.languages}) if d.languages else None
         return pairs_eval_corpus(table, str(location), resolve_split(location, config), rule,
-                                 d.validation_fraction, d.test_fraction, languages)
+                                 d.validation_fraction, d.test_fraction, wanted_languages(d.languages))
     corpus = read_lareqa_dir(location, d.languages)
     split = resolve_split(location, config)
     if split == "all":

@@ -22,6 +22,7 @@ from raysys.artifacts import check_shared, storage_root
 from raysys.config import Config
 from raysys.data.buckets import (find_corpus, input_fingerprint, new_parts_dir, partition_dataset, partition_tables,
                                  write_manifest)
+from raysys.data.languages import wanted_languages
 from raysys.data.lareqa import is_lareqa_dir
 from raysys.data.prepare import resolve_dataset
 from raysys.data.split import RULE_TEXT, refuse_order_split, resolve_split_rule, split_names
@@ -102,13 +103,6 @@ def _refuse_hard_negatives(config: Config, location: str) -> None:
                           hint="give JSONL/Parquet rows a hard_negative column instead, or set it to null")
 
 
-def _wanted_languages(config: Config) -> list[str] | None:
-    from raysys.data.languages import normalize_language
-
-    langs = config.data.languages
-    return sorted({normalize_language(code) for code in langs}) if langs else None  # rows hold normalised codes
-
-
 def small_pairs_tables(config: Config, location: str) -> dict[str, pa.Table] | None:
     """Train and validation rows of local JSONL/Parquet inputs small enough for the driver, else None."""
     from raysys.data.files import small_local_pairs
@@ -117,7 +111,7 @@ def small_pairs_tables(config: Config, location: str) -> dict[str, pa.Table] | N
     table = small_local_pairs(location)
     if table is None:
         return None
-    if (wanted := _wanted_languages(config)) is not None:
+    if (wanted := wanted_languages(config.data.languages)) is not None:
         table = table.filter(pc.is_in(table.column("lang"), value_set=pa.array(wanted, pa.string())))
     return _split_tables(table, resolve_split_rule(config.data.split_rule, lareqa=False), config)
 
@@ -129,7 +123,7 @@ def tagged_pairs(config: Config, location: str) -> ray.data.Dataset:
     _refuse_hard_negatives(config, location)
     refuse_order_split(config.data.split_rule, location)
     ds = read_pairs(location)
-    if (wanted := _wanted_languages(config)) is not None:
+    if (wanted := wanted_languages(config.data.languages)) is not None:
         ds = ds.filter(expr=col("lang").is_in(wanted))  # vectorised
     validation, test = config.data.validation_fraction, config.data.test_fraction
 
