@@ -114,6 +114,10 @@ class TrainConfig:
     # (WiSE-FT; raysys.tune.interpolation): each weight is evaluated on the validation articles and
     # the best by mean mAP becomes the run's model (curve in <run>/interpolation). None: as trained.
     interpolate_weights: list[float] | None = None
+    # Which weight wins: mean_map (best mean of mono, cross and multi validation mAP) | keep_mono (the
+    # largest weight whose validation monolingual mAP is not below the initial model's; w = 0 is
+    # always evaluated then): gain cross-lingual alignment without losing monolingual retrieval.
+    interpolate_rule: str = "mean_map"
     log_every: int = 5
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint
     storage_path: str | None = None  # local dir, NFS or s3://; default: <output_dir>/ray
@@ -255,6 +259,11 @@ class Config:
             if not 0.0 <= weight <= 1.0:
                 raise fail("train.interpolate_weights", f"weight {weight} is outside [0, 1]",
                            "0 is the initial model, 1 the trained one, e.g. [0.5, 0.75, 1]")
+        from raysys.train.selection import INTERPOLATION_RULES
+
+        if t.interpolate_rule not in INTERPOLATION_RULES:
+            raise fail("train.interpolate_rule", f"unknown rule {t.interpolate_rule!r}",
+                       f"use one of {', '.join(INTERPOLATION_RULES)}")
         if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
             raise fail("train.early_stopping_patience", f"{t.early_stopping_patience} is below 1",
                        "use a positive number of evaluations, or null for no early stopping")

@@ -96,13 +96,15 @@ def check_logger(config: Config) -> None:
 
 def check_selection(config: Config, facts: dict) -> None:
     """Selecting or stopping on a validation metric needs validation articles to compute it on."""
+    from raysys.train.selection import evaluated_weights
+
     t = config.train
     if "validation" in facts.get("splits", ["validation"]):  # facts without splits: nothing known to check
         return
     for key, active in (("metric_for_best_model", t.metric_for_best_model != "val_loss"),
                         ("export_best_model", t.export_best_model),
                         ("early_stopping_patience", t.early_stopping_patience is not None),
-                        ("interpolate_weights", len(set(t.interpolate_weights or [])) > 1)):
+                        ("interpolate_weights", len(evaluated_weights(t.interpolate_weights, t.interpolate_rule)) > 1)):
         if active:
             raise config._fail(f"train.{key}", f"train.{key} needs validation data, but this training data "
                                "has no validation split", "set data.validation_fraction above 0")

@@ -79,3 +79,26 @@ def selected_checkpoint(final_checkpoint: str, export_best: bool) -> str:
             return uri
     raise RaysysError(f"{run_dir}: the best checkpoint (step {best_step}) with an exported model is missing; "
                       f"the final one is {final_checkpoint}")
+
+
+INTERPOLATION_RULES = ("mean_map", "keep_mono")
+
+
+def evaluated_weights(weights: list[float] | None, rule: str) -> list[float]:
+    """The interpolation weights to evaluate: `keep_mono` compares against the initial model, so w = 0 joins."""
+    chosen = set(weights or [])
+    if chosen and rule == "keep_mono":
+        chosen.add(0.0)
+    return sorted(chosen)
+
+
+def choose_weight(rows: list[dict], rule: str) -> dict:
+    """The winning row of an interpolation curve (rows: weight, mono_map, mean_map, ... on validation).
+    mean_map: best mean mAP (ties: the larger weight). keep_mono: the largest weight whose monolingual
+    mAP is not below the initial model's (w = 0), i.e. alignment without losing monolingual retrieval."""
+    if rule == "mean_map":
+        return max(rows, key=lambda r: (r["mean_map"], r["weight"]))
+    initial = next((r for r in rows if r["weight"] == 0.0), None)
+    if initial is None:
+        raise RaysysError("the keep_mono rule needs the initial model (w = 0) on the curve")
+    return max((r for r in rows if r["mono_map"] >= initial["mono_map"]), key=lambda r: r["weight"])

@@ -2,8 +2,9 @@
 
 For each weight w the interpolated encoder (raysys.model.interpolate) is written and evaluated on
 the validation articles of the training dataset (`eval.split=validation`, never the test
-articles); the weight with the best mean of mono, cross and multi mAP wins. The whole curve is
-reported (JSON, Markdown, a figure), not only its best point.
+articles); `train.interpolate_rule` picks the winner (raysys.train.selection.choose_weight: best
+mean of mono, cross and multi mAP, or the largest weight that keeps the initial model's monolingual
+mAP). The whole curve is reported (JSON, Markdown, a figure), not only its chosen point.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from raysys.config import Config
 from raysys.eval.report import atomic_write, save_figure
 from raysys.model.interpolate import write_interpolated
 from raysys.train.checkpoint import write_json_atomic
+from raysys.train.selection import choose_weight, evaluated_weights
 
 SETTINGS = (("mono_map", "monolingual", "monolingual"), ("cross_map", "cross_lingual", "cross-lingual"),
             ("multi_map", "multilingual", "multilingual"))
@@ -33,22 +35,24 @@ def curve_row(weight: float, result: dict) -> dict:
 
 def interpolation_curve(tuned: str, base: str, weights: list[float], config: Config, out_dir: str | Path,
                         datasets: list[str] | None = None) -> dict:
-    """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}.
-    `out_dir` is a local path or a storage URI (each weight's model and the curve go there)."""
+    """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}, `best`
+    chosen by `train.interpolate_rule`. `out_dir` is a local path or a storage URI (each weight's
+    model and the curve go there)."""
     from raysys.eval.run import evaluate
 
     validation = Config.from_dict(config.to_dict())
     validation.eval = dataclasses.replace(validation.eval, split="validation")
     datasets = datasets or [config.data.train]
     rows = []
-    for weight in sorted(set(weights)):
+    rule = config.train.interpolate_rule
+    for weight in evaluated_weights(weights, rule):
         model_dir = storage.join(out_dir, f"weight-{weight:g}")
         write_interpolated(base, tuned, weight, model_dir)
         results = evaluate(model_dir, datasets, validation, storage.join(out_dir, "work"))
         rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
         print(f"[export] weight {weight:g}: mean validation mAP {rows[-1]['mean_map']:.4f}", flush=True)
-    best = max(rows, key=lambda r: (r["mean_map"], r["weight"]))
-    return {"rows": rows, "best": best, "paths": write_curve(rows, best, out_dir, tuned, base, datasets[0])}
+    best = choose_weight(rows, rule)
+    return {"rows": rows, "best": best, "paths": write_curve(rows, best, rule, out_dir, tuned, base, datasets[0])}
 
 
 def curve_table(rows: list[dict]) -> str:
@@ -58,15 +62,19 @@ def curve_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_curve(rows: list[dict], best: dict, out_dir: str | Path, tuned: str, base: str,
+RULE_TEXT = {"mean_map": "best mean mAP",
+             "keep_mono": "largest w whose monolingual mAP is not below the initial model's (w = 0)"}
+
+
+def write_curve(rows: list[dict], best: dict, rule: str, out_dir: str | Path, tuned: str, base: str,
                 dataset: str) -> dict[str, str]:
     paths = {kind: storage.join(out_dir, f"interpolation.{ext}")
              for kind, ext in (("json", "json"), ("markdown", "md"), ("plot", "png"))}
     write_json_atomic(paths["json"], {"tuned": tuned, "base": base, "dataset": dataset, "split": "validation",
-                                      "best": best, "curve": rows})
+                                      "rule": rule, "best": best, "curve": rows})
     lines = [f"# Interpolation (1 - w) x base + w x fine-tuned, {dataset} validation articles", "",
              f"base `{base}`, fine-tuned `{tuned}`", "", curve_table(rows), "",
-             f"Best by mean mAP: w = {best['weight']:g} (`{best['model']}`)"]
+             f"Chosen ({RULE_TEXT[rule]}): w = {best['weight']:g} (`{best['model']}`)"]
     atomic_write(paths["markdown"], "\n".join(lines) + "\n")
     fig = Figure(figsize=(10, 4), layout="tight")
     left, right = fig.subplots(1, 2)
@@ -83,9 +91,9 @@ def write_curve(rows: list[dict], best: dict, out_dir: str | Path, tuned: str, b
 
 def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     """`train.interpolate_weights` after training: the run's model becomes (1 - w) x initial + w x
-    trained for the weight with the best mean validation mAP (one weight: that one); the curve is
-    written to `out_dir`. A finished curve for the same weights is reused (`raysys reproduce`)."""
-    weights = sorted(set(config.train.interpolate_weights))
+    trained for the weight `train.interpolate_rule` chooses on validation (one weight: that one); the
+    curve is written to `out_dir`. A finished curve for the same weights is reused (`raysys reproduce`)."""
+    weights = evaluated_weights(config.train.interpolate_weights, config.train.interpolate_rule)
     base = config.model.name_or_path
     if len(weights) == 1:
         model_dir = storage.join(out_dir, f"weight-{weights[0]:g}")
@@ -96,8 +104,8 @@ def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     if storage.is_file(done):
         record = storage.read_json(done)
         if record["tuned"] == tuned and [r["weight"] for r in record["curve"]] == weights:
-            return record["best"]["model"]
+            return choose_weight(record["curve"], config.train.interpolate_rule)["model"]
     curve = interpolation_curve(tuned, base, weights, config, out_dir)
-    print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is best on the "
+    print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is chosen on the "
           f"validation articles ({curve['paths']['markdown']})", flush=True)
     return curve["best"]["model"]

@@ -35,8 +35,10 @@ ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0
 HYBRID = "hybrid (alpha=0.5)"
 
 
-# Settings that do not change what a run learns: a finished run that differs only in these is reused.
-NOT_LEARNED = ("storage_path", "resume_from", "logger", "log_every", "max_failures")
+# Settings that do not change what a run learns: a finished run that differs only in these is reused
+# (the interpolation with the initial model is chosen after training, from the run's own checkpoint).
+NOT_LEARNED = ("storage_path", "resume_from", "logger", "log_every", "max_failures", "interpolate_weights",
+               "interpolate_rule")
 
 
 def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None = None,
@@ -72,8 +74,8 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                  for label, run in runs.items()}
     bootstrap = {}
     if HYBRID in runs:
-        for label in runs:
-            if label in (HYBRID, "untrained"):
+        for label in runs:  # the untrained model too: did training keep what it knew?
+            if label == HYBRID:
                 continue
             bootstrap[f"{HYBRID} vs {label}"] = {
                 name: paired_bootstrap_settings(runs[HYBRID]["seeds"], runs[label]["seeds"], name,

@@ -11,9 +11,11 @@ import torch
 from transformers import AutoModel
 
 from raysys.cli import main
+from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.model.encoder import BiEncoder
 from raysys.model.interpolate import interpolate_states, write_interpolated
+from raysys.train.selection import choose_weight
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +103,8 @@ def test_training_ends_with_the_weight_chosen_on_validation(ray_local, tmp_path,
     written = curve_file.stat().st_mtime_ns
     assert finished_run_model(config) == outcome.model_path
     assert curve_file.stat().st_mtime_ns == written  # the finished curve is reused, not evaluated again
+    # Another rule is a choice after training: the same run and curve, the rule's weight, no new evaluation.
+    keep_mono = Config.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "interpolate_rule": "keep_mono"}})
+    chosen = choose_weight(curve["curve"], "keep_mono")
+    assert finished_run_model(keep_mono) == chosen["model"]
+    assert curve_file.stat().st_mtime_ns == written

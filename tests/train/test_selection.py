@@ -10,7 +10,8 @@ from raysys.config import Config
 from raysys.errors import ConfigError
 from raysys.train.checkpoint import EXPORT_DIR, read_state
 from raysys.train.preflight import check_selection
-from raysys.train.selection import BestModel, score_order, selected_checkpoint
+from raysys.errors import RaysysError
+from raysys.train.selection import BestModel, choose_weight, evaluated_weights, score_order, selected_checkpoint
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -43,6 +44,30 @@ def test_selection_settings_are_checked():
             check_selection(Config.from_yaml(None, [override, "data.validation_fraction=0"]), no_validation)
         assert err.value.field == override.split("=")[0]
     check_selection(Config.from_yaml(None, ["train.export_best_model=true"]), {"splits": ["train", "validation"]})
+    with pytest.raises(ConfigError, match="unknown rule 'best'") as err:
+        Config.from_yaml(None, ["train.interpolate_rule=best"])
+    assert err.value.field == "train.interpolate_rule"
+    # One weight is a plain interpolation, but keep_mono adds the initial model: a curve on validation.
+    one_weight = ["train.interpolate_weights=[0.5]", "data.validation_fraction=0"]
+    check_selection(Config.from_yaml(None, one_weight), no_validation)
+    with pytest.raises(ConfigError, match="no validation split"):
+        check_selection(Config.from_yaml(None, [*one_weight, "train.interpolate_rule=keep_mono"]), no_validation)
+
+
+def curve(*rows):
+    return [{"weight": w, "mono_map": mono, "mean_map": mean} for w, mono, mean in rows]
+
+
+def test_interpolation_rules_choose_on_the_validation_curve():
+    rows = curve((0.0, 0.80, 0.55), (0.25, 0.81, 0.60), (0.5, 0.80, 0.64), (0.75, 0.79, 0.66), (1.0, 0.78, 0.66))
+    assert choose_weight(rows, "mean_map")["weight"] == 1.0  # a tie goes to the larger weight
+    assert choose_weight(rows, "keep_mono")["weight"] == 0.5  # the largest w with mono >= the initial model's
+    assert choose_weight(curve((0.0, 0.80, 0.5), (1.0, 0.70, 0.7)), "keep_mono")["weight"] == 0.0
+    with pytest.raises(RaysysError, match="needs the initial model"):
+        choose_weight(rows[1:], "keep_mono")
+    assert evaluated_weights([1, 0.5], "keep_mono") == [0.0, 0.5, 1]
+    assert evaluated_weights([1, 0.5, 0.5], "mean_map") == [0.5, 1]
+    assert evaluated_weights(None, "keep_mono") == []
 
 
 def test_early_stopping_exports_the_best_checkpoint(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):

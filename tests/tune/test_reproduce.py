@@ -27,7 +27,7 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
         summary = by_dataset[dataset]["summary"]
         for setting in ("monolingual", "cross_lingual", "multilingual"):
             assert 0 < summary[setting]["map"] <= 1
-    assert set(result["bootstrap"]) == {f"{HYBRID} vs {label}" for label in ARMS if label != HYBRID}
+    assert set(result["bootstrap"]) == {f"{HYBRID} vs {label}" for label in [*ARMS, "untrained"] if label != HYBRID}
     for comparison in result["bootstrap"].values():
         for setting, ci in comparison[dataset].items():
             assert ci["low"] <= ci["mean_diff"] <= ci["high"]
