@@ -1,12 +1,12 @@
-"""Distributed encoding: a Ray Data actor pool turns texts into embedding shards on disk.
+"""Distributed encoding: a Ray Data actor pool turns texts into embedding shards in storage.
 
-Each actor loads the model once (`__init__`) and encodes batches (`__call__`), one GPU per actor
-on a cluster, CPU actors here (Ray's batch-inference pattern). One actor batch is one shard of
-rows (`shard_size`): the actor tokenizes the shard once, sorts it by token length and cuts it
-into token-budget sub-batches (rows x longest row <= `batch_tokens`), so padding all but
-disappears; it streams its embeddings back every few hundred rows. Embeddings are written as
-NumPy shards with their row ids (`<name>-00000.npz`), atomically; shards already on disk, and
-encoded the same way (`fast_path`), are not encoded again.
+Each actor loads the model once (`__init__`) and encodes shards (`__call__`), one GPU per actor
+on a cluster, CPU actors here (Ray's batch-inference pattern). One input row is one shard of
+texts (`shard_size`): the actor tokenizes it once, sorts it by token length and cuts it into
+token-budget sub-batches (rows x longest row <= `batch_tokens`), so padding all but disappears,
+then writes the shard itself (`<name>-00000.npz`: row ids and embeddings, atomically, through
+raysys.storage) and hands back only its path and row count: no embedding passes through the
+driver. Shards already in storage, and encoded the same way (`fast_path`), are not encoded again.
 
 `fast_path` (opt-in, approximate): "bf16" runs the backbone in bfloat16 (CPUs with AVX512-BF16
 or AMX, and GPUs), "int8" applies PyTorch dynamic int8 quantization (per-channel weights) to
@@ -39,7 +39,6 @@ FAST_PATHS = ("bf16", "int8")
 # ~1.7x faster than 8192 for multilingual-e5-small on 2 cores, bench/results/encode.json); GPUs
 # want large ones.
 CPU_BATCH_TOKENS, GPU_BATCH_TOKENS = 1024, 8192
-STREAM_ROWS = 256  # an actor hands back embeddings every this many rows (progress, memory)
 
 
 def check_fast_path(fast_path: str | None) -> str | None:
@@ -88,28 +87,29 @@ class EncoderActor:
         self.model = BiEncoder.from_pretrained(model_path, EncoderSettings(**settings))
         self.model.to(self.device).eval()
         apply_fast_path(self.model, fast_path, self.device)
+        self.fast_path = check_fast_path(fast_path)
         self.batch_tokens = batch_tokens or (GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS)
         tok = self.model.tokenizer
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         self.pad_left = getattr(tok, "padding_side", "right") == "left"
 
     def __call__(self, batch: dict[str, np.ndarray]):
-        """Yields {"row", "embedding"} every STREAM_ROWS rows, shortest texts first."""
-        texts, kinds, rows = batch["text"].tolist(), batch["kind"].tolist(), np.asarray(batch["row"])
-        dim = self.model.backbone.config.hidden_size
-        done_idx: list[int] = []
-        done_emb: list[np.ndarray] = []
+        """Each row is a shard to write: {"path", "first" (its first row id), "texts", "kinds"}.
+        Yields {"path", "rows"} once the shard is in storage."""
+        for path, first, texts, kinds in zip(batch["path"], batch["first"], batch["texts"], batch["kinds"]):
+            embeddings = self.embed_texts([str(t) for t in texts], [str(k) for k in kinds])
+            _write_shard(str(path), np.arange(int(first), int(first) + len(embeddings)), embeddings, self.fast_path)
+            yield {"path": np.array([str(path)]), "rows": np.array([len(embeddings)], dtype=np.int64)}
+
+    def embed_texts(self, texts: list[str], kinds: list[str]) -> np.ndarray:
+        """[len(texts), d] float32 embeddings in row order, encoded shortest first per kind."""
+        out = np.zeros((len(texts), self.model.backbone.config.hidden_size), dtype=np.float32)
         for kind in sorted(set(kinds)):
             idx = [i for i, k in enumerate(kinds) if k == kind]
             ids = self._tokenize([texts[i] for i in idx], kind)
             for chunk in token_budget_chunks([len(x) for x in ids], self.batch_tokens):
-                done_emb.append(self._embed([ids[j] for j in chunk]))
-                done_idx.extend(idx[j] for j in chunk)
-                if len(done_idx) >= STREAM_ROWS:
-                    yield {"row": rows[done_idx], "embedding": np.concatenate(done_emb).reshape(-1, dim)}
-                    done_idx, done_emb = [], []
-        if done_idx:
-            yield {"row": rows[done_idx], "embedding": np.concatenate(done_emb).reshape(-1, dim)}
+                out[[idx[j] for j in chunk]] = self._embed([ids[j] for j in chunk])
+        return out
 
     def _tokenize(self, texts: list[str], kind: str) -> list[list[int]]:
         """Token ids exactly as BiEncoder.tokenize makes them (prefix, truncation), unpadded."""
@@ -183,58 +183,48 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
                 progress: bool = True, fast_path: str | None = None) -> dict[str, list[tuple[str, int]]]:
     """Encode several named text sets {name: (texts, kind or kinds)} in one Ray Data pipeline (one
     actor pool start and model load for all, e.g. queries and candidates) into shard files under
-    `out_dir`, reusing shards already there; returns {name: [(uri, rows)]} in row order. Nothing
-    but these names comes back.
+    `out_dir`, reusing shards already there; returns {name: [(uri, rows)]} in row order. The
+    actors write the shards; only their paths and row counts come back to the driver.
 
-    batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU). Actor batches
-    hold `shard_size` rows, so with `num_encoders` actors about that many shards are encoded at
+    batch_tokens: padded tokens per forward pass (None: 1024 on CPU, 8192 on GPU). Each actor
+    encodes one shard of `shard_size` rows at a time, so `num_encoders` shards are encoded at
     once. `fast_path` ("bf16", "int8"; None = exact) is recorded in each shard, and a shard
     encoded another way is encoded again."""
     fast_path = check_fast_path(fast_path)
     out_dir = str(out_dir)  # a local path or a storage URI (raysys.storage)
     storage.makedirs(out_dir)
-    shards: list[tuple[str, int, int]] = []  # (name, first row, rows) of every shard of every set
-    rows, texts, kinds = [], [], []  # of the missing shards, in order; row ids are global (set offset + row)
-    pending: dict[int, dict[int, np.ndarray]] = {}  # missing shard -> its rows so far (written when complete)
-    offsets, offset = {}, 0
+    files: dict[str, list[tuple[str, int]]] = {}
+    missing: list[pa.Table] = []  # one single-row table (one Ray Data block) per shard to encode
     for name, (set_texts, kind) in sets.items():
         set_kinds = [kind] * len(set_texts) if isinstance(kind, str) else list(kind)
         if len(set_kinds) != len(set_texts):
             raise ValueError(f"{len(set_kinds)} kinds for {len(set_texts)} texts")
-        offsets[name] = offset
+        files[name] = []
         for i in range(-(-len(set_texts) // shard_size)):
             first, count = i * shard_size, _shard_len(i, shard_size, len(set_texts))
-            shards.append((name, first, count))
-            if not _valid_shard(_shard_path(out_dir, name, i), i, shard_size, len(set_texts), fast_path):
-                pending[len(shards) - 1] = {}
-                rows.extend(range(offset + first, offset + first + count))
-                texts.extend(set_texts[first:first + count])
-                kinds.extend(set_kinds[first:first + count])
-        offset += len(set_texts)
-    if rows:
-        table = pa.table({"row": np.array(rows, dtype=np.int64), "text": texts, "kind": kinds})
-        ds = ray.data.from_arrow(table).map_batches(
+            path = _shard_path(out_dir, name, i)
+            files[name].append((path, count))
+            if not _valid_shard(path, i, shard_size, len(set_texts), fast_path):
+                missing.append(pa.table({"path": [path], "first": [first], "texts": [set_texts[first:first + count]],
+                                         "kinds": [set_kinds[first:first + count]]}))
+    if missing:
+        # One block per shard, so every actor of the pool gets shards (one block goes to one actor).
+        ds = ray.data.from_arrow(missing).map_batches(
             EncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
                                                  "batch_tokens": batch_tokens, "threads": threads,
                                                  "fast_path": fast_path},
-            batch_size=shard_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
+            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
-        starts = np.array([offsets[n] + first for n, first, _ in shards])  # global first row of every shard
-        bar = Progress(f"encode {'+'.join(sets)}", len(rows), "texts", mode=None if progress else "off")
+        wanted = {t["path"][0].as_py(): len(t["texts"][0]) for t in missing}
+        written: set[str] = set()
+        bar = Progress(f"encode {'+'.join(sets)}", sum(wanted.values()), "texts", mode=None if progress else "off")
         for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for row, emb in zip(batch["row"], batch["embedding"]):
-                s = int(np.searchsorted(starts, row, side="right")) - 1
-                name, first, count = shards[s]
-                pending[s][int(row) - offsets[name]] = emb
-                if len(pending[s]) == count:
-                    _write_shard(_shard_path(out_dir, name, first // shard_size), pending.pop(s), fast_path)
-            bar.advance(len(batch["row"]))
+            written.update(str(p) for p in batch["path"])
+            bar.advance(int(batch["rows"].sum()))
         bar.close()
-        if pending:  # an actor returned fewer rows than it was given: never silently short
-            short = sorted(_shard_path(out_dir, shards[s][0], shards[s][1] // shard_size) for s in pending)
-            raise RuntimeError(f"encode: shards {short} came back incomplete")
-    return {name: [(_shard_path(out_dir, n, first // shard_size), count) for n, first, count in shards if n == name]
-            for name in sets}
+        if set(wanted) - written:  # an actor reported fewer shards than it was given: never silently short
+            raise RuntimeError(f"encode: shards {sorted(set(wanted) - written)} were not written by the encoders")
+    return files
 
 
 def _shard_path(out_dir: str, name: str, shard: int) -> str:
@@ -263,10 +253,8 @@ def _valid_shard(path: str, shard: int, shard_size: int, total: int, fast_path: 
         return False
 
 
-def _write_shard(path: str, rows_to_emb: dict[int, np.ndarray], fast_path: str | None = None) -> None:
-    rows = np.array(sorted(rows_to_emb), dtype=np.int64)
-    emb = np.stack([rows_to_emb[r] for r in rows]).astype(np.float32)
+def _write_shard(path: str, rows: np.ndarray, embeddings: np.ndarray, fast_path: str | None = None) -> None:
     extra = {"fast_path": np.array(fast_path)} if fast_path else {}
     buf = io.BytesIO()
-    np.savez(buf, row=rows, embedding=emb, **extra)
+    np.savez(buf, row=np.asarray(rows, dtype=np.int64), embedding=np.asarray(embeddings, dtype=np.float32), **extra)
     storage.write_bytes(path, buf.getvalue())  # atomic (temp + rename locally, one PUT remotely)

@@ -122,8 +122,9 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
 
 def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
     """Where the embedding files go: the work directory on one node; on a multi-node cluster the
-    run's storage (train.storage_path: s3://, gs:// or NFS), where the index-shard actors on the
-    other nodes read them (a local work directory exists on the driver's node only)."""
+    run's storage (train.storage_path: s3://, gs:// or NFS), which the encoder actors that write
+    them and the index-shard actors that read them see from every node (a local work directory
+    exists on the driver's node only)."""
     from raysys.artifacts import check_shared, storage_root
 
     if storage.is_remote(str(work_dir)) or not is_multi_node():
@@ -178,7 +179,7 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         docids, qids = list(corpus), list(topics)
         key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True), str(root),
                          lang, str(len(docids)), str(len(qids)), encoding_mode(config))
-        common = dict(model_path=model_path, settings=settings, out_dir=work_dir / "embeddings" / f"miracl-{lang}-{key}",
+        common = dict(model_path=model_path, settings=settings, out_dir=_embeddings_dir(work_dir, f"miracl-{lang}-{key}", config),
                       batch_tokens=e.batch_tokens, fast_path=e.fast_path, num_encoders=e.num_encoders,
                       use_gpu=config.train.use_gpu,
                       threads=_encoder_threads(e), progress=progress)

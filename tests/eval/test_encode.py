@@ -95,34 +95,49 @@ def test_several_sets_in_one_pipeline(encoded, tiny_model_dir, tmp_path):
     assert [u.rsplit("/", 1)[-1] for u in changed] == ["q-00001.npz"]
 
 
-class DropsTheFirstShard(EncoderActor):
-    """A faulty encoder (test fixture): it never returns the rows of shard 0."""
+class SkipsTheFirstShard(EncoderActor):
+    """A faulty encoder (test fixture): it never writes or reports shard 0."""
 
     def __call__(self, batch):
-        for part in super().__call__(batch):
-            keep = part["row"] >= SHARD
-            if keep.any():
-                yield {"row": part["row"][keep], "embedding": part["embedding"][keep]}
+        yield from super().__call__({k: v[batch["first"] > 0] for k, v in batch.items()})
 
 
 def test_a_shard_missing_from_the_encoder_output_is_an_error(monkeypatch, tiny_model_dir, tmp_path, ray_local):
-    monkeypatch.setattr(encode, "EncoderActor", DropsTheFirstShard)
+    monkeypatch.setattr(encode, "EncoderActor", SkipsTheFirstShard)
     texts, kinds = _texts()
-    with pytest.raises(RuntimeError, match=r"q-00000\.npz'\] came back incomplete"):
+    with pytest.raises(RuntimeError, match=r"q-00000\.npz'\] were not written by the encoders"):
         encode.encode_sets({"q": (texts, kinds)}, model_path=str(tiny_model_dir), settings=SETTINGS,
                            out_dir=tmp_path, shard_size=SHARD, threads=1, progress=False)
     assert not (tmp_path / "q-00000.npz").exists() and (tmp_path / "q-00001.npz").exists()
 
 
+def test_the_driver_receives_paths_and_counts_only(monkeypatch, tiny_model_dir, tmp_path, ray_local):
+    """The actors write the shards (two actors here); what reaches the driver is one (path, rows)
+    record per shard, never an embedding."""
+    import ray.data
+
+    seen = []
+    real = ray.data.Dataset.iter_batches
+
+    def recording(self, *args, **kwargs):  # test fixture: what each batch handed to the driver holds
+        for batch in real(self, *args, **kwargs):
+            seen.append({k: np.asarray(v) for k, v in batch.items()})
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", recording)
+    texts, kinds = _texts()
+    files = encode.encode_sets({"q": (texts, kinds)}, model_path=str(tiny_model_dir), settings=SETTINGS,
+                               out_dir=tmp_path, shard_size=SHARD, batch_tokens=64, threads=1, num_encoders=2,
+                               progress=False)
+    assert {k for batch in seen for k in batch} == {"path", "rows"}
+    records = sorted(zip(*(np.concatenate([b[k] for b in seen]).tolist() for k in ("path", "rows"))))
+    assert records == sorted(files["q"]) and sum(n for _, n in records) == len(texts)
+    np.testing.assert_allclose(encode.read_embeddings(files["q"]), _direct(tiny_model_dir, texts, kinds), atol=1e-5)
+
+
 def _actor_embeddings(model_dir, texts, kinds, fast_path):
     actor = EncoderActor(str(model_dir), vars(SETTINGS), batch_tokens=48, threads=1, fast_path=fast_path)
-    batch = {"row": np.arange(len(texts)) + 100, "text": np.array(texts, dtype=object),
-             "kind": np.array(kinds, dtype=object)}
-    parts = list(actor(batch))
-    rows = np.concatenate([p["row"] for p in parts])
-    out = np.concatenate([p["embedding"] for p in parts])
-    assert sorted(rows.tolist()) == list(range(100, 100 + len(texts)))
-    return out[np.argsort(rows)]
+    return actor.embed_texts(texts, kinds)
 
 
 @pytest.mark.parametrize("fast_path", ["int8", "bf16"])
@@ -137,10 +152,11 @@ def test_fast_path_is_close_to_fp32(tiny_model_dir, fast_path):
 
 def test_a_shard_is_reused_only_by_the_same_fast_path(tmp_path):
     path = tmp_path / "c-00000.npz"
-    encode._write_shard(path, {r: np.full(4, r, np.float32) for r in range(3)}, "int8")
+    rows, embeddings = np.arange(3), np.repeat(np.arange(3, dtype=np.float32)[:, None], 4, axis=1)
+    encode._write_shard(path, rows, embeddings, "int8")
     assert encode._valid_shard(path, 0, 3, 3, "int8")
     assert not encode._valid_shard(path, 0, 3, 3, None)
-    encode._write_shard(path, {r: np.full(4, r, np.float32) for r in range(3)})
+    encode._write_shard(path, rows, embeddings)
     assert encode._valid_shard(path, 0, 3, 3, None) and not encode._valid_shard(path, 0, 3, 3, "bf16")
 
 
