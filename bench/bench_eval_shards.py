@@ -84,7 +84,7 @@ def generate(data: Path, n: int, queries: int, noise: float, seed: int = 0) -> N
         for r in wanted[(wanted >= start) & (wanted < start + emb.shape[0])]:
             gold_vec[int(r)] = emb[r - start]
         path = str(data / f"candidates-{i:05d}.npz")
-        _write_shard(path, dict(zip(rows.tolist(), emb)))
+        _write_shard(path, rows, emb)
         files.append((path, int(emb.shape[0])))
     q = np.stack([np.mean([gold_vec[c] for c in golds[qid]], axis=0) for qid, _, _ in q_rows])
     q += noise * rng.standard_normal(q.shape).astype(np.float32) / np.sqrt(DIM)
@@ -92,7 +92,7 @@ def generate(data: Path, n: int, queries: int, noise: float, seed: int = 0) -> N
     q_files = []
     for i, start in enumerate(range(0, len(q), FILE_ROWS)):
         path = str(data / f"queries-{i:05d}.npz")
-        _write_shard(path, {r: q[r] for r in range(start, min(start + FILE_ROWS, len(q)))})
+        _write_shard(path, np.arange(start, min(start + FILE_ROWS, len(q))), q[start:start + FILE_ROWS])
         q_files.append((path, min(FILE_ROWS, len(q) - start)))
     pq.write_table(pa.table({"id": [r[0] for r in q_rows], "lang": [LANGS[r[1]] for r in q_rows],
                              "text": [""] * len(q_rows), "group": ["g"] * len(q_rows),

@@ -372,21 +372,27 @@ def test_fault_eval_resume_encodes_only_missing_or_torn_shards(tmp_path, monkeyp
     from raysys.model.encoder import EncoderSettings
 
     texts = [f"text {i}" for i in range(10)]
-    encode._write_shard(tmp_path / "c-00000.npz", {r: np.full(4, r, np.float32) for r in range(4)})
-    encode._write_shard(tmp_path / "c-00001.npz", {r: np.full(4, r, np.float32) for r in range(4, 8)})
+    rows = np.arange(8)
+    embeddings = np.repeat(rows[:, None].astype(np.float32), 4, axis=1)
+    encode._write_shard(tmp_path / "c-00000.npz", rows[:4], embeddings[:4])
+    encode._write_shard(tmp_path / "c-00001.npz", rows[4:], embeddings[4:])
     (tmp_path / "c-00001.npz").write_bytes((tmp_path / "c-00001.npz").read_bytes()[:50])  # torn
     requested = []
 
-    class FakeDataset:
-        def __init__(self, table):
-            self.rows = table.column("row").to_numpy()
-            requested.extend(self.rows.tolist())
+    class FakeDataset:  # the pipeline and its encoder actors: each shard written as 100 + row
+        def __init__(self, tables):
+            self.shards = [(t["path"][0].as_py(), t["first"][0].as_py(), len(t["texts"][0])) for t in tables]
+            for _, first, n in self.shards:
+                requested.extend(range(first, first + n))
 
         def map_batches(self, *args, **kwargs):
             return self
 
         def iter_batches(self, **kwargs):
-            yield {"row": self.rows, "embedding": np.stack([np.full(4, 100 + r, np.float32) for r in self.rows])}
+            for path, first, n in self.shards:
+                shard_rows = np.arange(first, first + n)
+                encode._write_shard(path, shard_rows, np.repeat((100 + shard_rows)[:, None].astype(np.float32), 4, 1))
+                yield {"path": np.array([path]), "rows": np.array([n])}
 
     monkeypatch.setattr(ray.data, "from_arrow", FakeDataset)
     out = encode.encode_texts(texts, "passage", model_path="unused", settings=EncoderSettings(), out_dir=tmp_path,
