@@ -20,7 +20,7 @@ import numpy as np
 
 from raysys.data.lareqa import LareqaCorpus
 from raysys.eval.metrics import paired_bootstrap, per_query_rank_metrics
-from raysys.eval.ranking import (ActorShards, LocalShards, array_blocks, balanced_bounds, rank_block,
+from raysys.eval.ranking import (LocalShards, array_blocks, balanced_bounds, open_shards, rank_block,
                                  stored_blocks)
 
 KS = (1, 10)
@@ -46,9 +46,8 @@ def evaluate_lareqa_stored(corpus: LareqaCorpus, query_files: Sequence[tuple[str
     small pools); the driver streams the query files block by block."""
     total = sum(n for _, n in cand_files)
     bounds = balanced_bounds(total, num_shards) if shard_bounds is None else shard_bounds
-    shards = (LocalShards.from_files(cand_files, bounds, _candidate_groups(corpus)) if in_process else
-              ActorShards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
-                          cpus_per_shard=cpus_per_shard))
+    shards = open_shards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
+                         cpus_per_shard=cpus_per_shard, in_process=in_process)
     try:
         return _evaluate(corpus, shards, stored_blocks(query_files, chunk_size), top_k)
     finally:

@@ -107,6 +107,23 @@ class ActorShards:
         self.actors = []
 
 
+def open_shards(files: Sequence[tuple[str, int]], bounds: Sequence[int], groups: np.ndarray | None = None, *,
+                use_gpu: bool = False, cpus_per_shard: int = 1, in_process: bool = False):
+    """Index shards over stored embedding files: Ray actors, or (`in_process`, small pools on one
+    node) the same shards in this process. Call `close()` when done."""
+    if in_process:
+        return LocalShards.from_files(files, bounds, groups)
+    return ActorShards(files, bounds, groups, use_gpu=use_gpu, cpus_per_shard=cpus_per_shard)
+
+
+def search_top_k(shards, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The merged top-k [B, k] of a block of queries over every shard (score descending, then id
+    ascending; pad -inf / -1): only k (score, id) pairs per query and shard reach the caller."""
+    q = shards.put(queries)
+    parts = shards.call("search", {s: (q, k) for s in range(len(shards.bounds) - 1)})
+    return merge_top_k([scores for scores, _ in parts.values()], [ids for _, ids in parts.values()], k)
+
+
 def parts_for_range(files: Sequence[tuple[str, int]], lo: int, hi: int) -> list[tuple[str, int, int]]:
     """[(uri, first row, end row)] of the files that rows lo..hi-1 of their concatenation span."""
     parts, start = [], 0

@@ -27,8 +27,9 @@ from raysys.eval.pairs_corpus import is_pairs_input, pairs_eval_corpus, read_pai
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import resolve_split_rule, split_names
 from raysys.errors import ConfigError
-from raysys.eval.encode import encode_sets, read_embeddings
+from raysys.eval.encode import encode_sets
 from raysys.eval.lareqa import evaluate_lareqa_stored
+from raysys.eval.ranking import balanced_bounds, open_shards, search_top_k, stored_blocks
 from raysys.model.default import resolve_model_path
 from raysys.model.encoder import EncoderSettings
 from raysys.runtime import ensure_ray, is_multi_node
@@ -112,12 +113,9 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
                   num_encoders=e.num_encoders, use_gpu=config.train.use_gpu, threads=_encoder_threads(e),
                   progress=progress)
     files = encode_sets({"queries": (texts_q, "query"), "candidates": (texts_c, "passage")}, **common)
-    q_files, c_files = files["queries"], files["candidates"]
     # Index-shard actors load the candidate files; the driver only streams the query files.
-    use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
-    in_process = not use_gpu and len(texts_c) <= e.in_process_max_candidates and not is_multi_node()
-    return evaluate_lareqa_stored(corpus, q_files, c_files, num_shards=min(e.num_shards, len(texts_c)),
-                                  top_k=e.top_k, use_gpu=use_gpu, cpus_per_shard=cpus, in_process=in_process)
+    return evaluate_lareqa_stored(corpus, files["queries"], files["candidates"], top_k=e.top_k,
+                                  **_shard_plan(config, len(texts_c)))
 
 
 def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
@@ -132,6 +130,16 @@ def _embeddings_dir(work_dir: Path, leaf: str, config: Config) -> str:
     root = storage_root(config)
     check_shared(root)
     return storage.join(root, "embeddings", leaf)
+
+
+def _shard_plan(config: Config, candidates: int) -> dict:
+    """How the candidate pool is sharded: num_shards, one GPU per shard or CPUs per shard, and
+    whether a small pool on one node is scored in this process (no actor start-up)."""
+    e = config.eval
+    use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
+    in_process = not use_gpu and candidates <= e.in_process_max_candidates and not is_multi_node()
+    return {"num_shards": min(e.num_shards, candidates), "use_gpu": use_gpu, "cpus_per_shard": cpus,
+            "in_process": in_process}
 
 
 def _shard_resources(e, use_gpu: bool) -> tuple[bool, int]:
@@ -162,7 +170,6 @@ def _encoder_threads(e) -> int:
 
 def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
                             progress: bool = True) -> dict:
-    from raysys.eval.index import ShardedIndex
     from raysys.eval.miracl import (check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run,
                                     trec_run)
 
@@ -186,15 +193,28 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         ensure_ray()
         files = encode_sets({"corpus": ([corpus[d] for d in docids], "passage"),
                              "topics": ([topics[q] for q in qids], "query")}, **common)
-        d_emb, q_emb = read_embeddings(files["corpus"]), read_embeddings(files["topics"])
-        index = ShardedIndex(d_emb, num_shards=e.num_shards)
-        scores, top = index.search(q_emb, min(max(100, e.top_k), len(docids)))
+        scores, top = search_stored(files["corpus"], files["topics"], min(max(100, e.top_k), len(docids)),
+                                    _shard_plan(config, len(docids)))
         run = {q: [docids[i] for i in row if i >= 0] for q, row in zip(qids, top)}
         out["per_language"][lang] = score_run(run, qrels)["mean"]
         out["trec_run"][lang] = trec_run(qids, run, scores, tag=Path(model_path).name or "raysys")
     metrics = sorted(next(iter(out["per_language"].values())))
     out["summary"] = {m: float(np.mean([v[m] for v in out["per_language"].values()])) for m in metrics}
     return out
+
+
+def search_stored(corpus_files: list[tuple[str, int]], query_files: list[tuple[str, int]], k: int, plan: dict,
+                  block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k (scores, corpus rows) of every stored query embedding over the stored corpus
+    embeddings: index shards load the corpus files, the driver streams the query files in blocks
+    and keeps only the merged top-k lists."""
+    plan = dict(plan)
+    shards = open_shards(corpus_files, balanced_bounds(sum(n for _, n in corpus_files), plan.pop("num_shards")), **plan)
+    try:
+        tops = [search_top_k(shards, queries, k) for _, queries in stored_blocks(query_files, block)]
+    finally:
+        shards.close()
+    return np.concatenate([s for s, _ in tops]), np.concatenate([i for _, i in tops])
 
 
 def evaluate(model: str, datasets: list[str], config: Config, work_dir: str | os.PathLike,
