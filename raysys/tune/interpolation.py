@@ -12,10 +12,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure
 
 from raysys import storage
 from raysys.config import Config
+from raysys.errors import RaysysError
 from raysys.eval.report import atomic_write, save_figure
 from raysys.model.interpolate import write_interpolated
 from raysys.train.checkpoint import write_json_atomic
@@ -109,3 +111,45 @@ def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is chosen on the "
           f"validation articles ({curve['paths']['markdown']})", flush=True)
     return curve["best"]["model"]
+
+
+CURVE_METRICS = (*SETTINGS, ("rank_distance", "multilingual", "rank distance (lower is better)"))
+
+
+def write_curves_over_seeds(curves: dict[str, list[dict]], out_dir: str | Path) -> dict:
+    """The validation interpolation curves of several runs (`interpolation.json` records, grouped
+    by arm, one per seed) as one figure and table: each metric's mean and spread over seeds against
+    w, and the weight each run chose. Returns {"paths", "markdown"}."""
+    summary = {}
+    for arm, records in curves.items():
+        weights = [r["weight"] for r in records[0]["curve"]]
+        if any([r["weight"] for r in rec["curve"]] != weights for rec in records):
+            raise RaysysError(f"{arm}: the runs' interpolation curves have different weights")
+        per_metric = {}
+        for key, *_ in CURVE_METRICS:
+            values = np.array([[r[key] for r in rec["curve"]] for rec in records], dtype=float)
+            per_metric[key] = {"mean": values.mean(0).tolist(), "min": values.min(0).tolist(), "max": values.max(0).tolist()}
+        summary[arm] = {"weights": weights, "chosen": [rec["best"]["weight"] for rec in records],
+                        "rule": records[0].get("rule", "mean_map"), "seeds": len(records), **per_metric}
+    paths = {"json": storage.join(out_dir, "interpolation_curves.json"),
+             "plot": storage.join(out_dir, "interpolation_curves.png")}
+    write_json_atomic(paths["json"], {"split": "validation", "curves": summary})
+    fig = Figure(figsize=(16, 4), layout="tight")
+    for ax, (key, _, label) in zip(fig.subplots(1, len(CURVE_METRICS)), CURVE_METRICS):
+        for arm, s in summary.items():
+            line, = ax.plot(s["weights"], s[key]["mean"], marker="o", label=arm)
+            ax.fill_between(s["weights"], s[key]["min"], s[key]["max"], color=line.get_color(), alpha=0.15)
+        ax.set(xlabel="w (0: initial model, 1: fine-tuned)", title=f"validation {label}")
+    fig.axes[0].legend(fontsize="small")
+    save_figure(paths["plot"], fig)
+    lines = ["\n## Interpolation with the initial model, validation articles (mean over seeds)\n",
+             "| Run | w | mono mAP | cross mAP | multi mAP | rank dist. |", "|---|---:|---:|---:|---:|---:|"]
+    for arm, s in summary.items():
+        for i, w in enumerate(s["weights"]):
+            lines.append(f"| {arm} | {w:g} | " + " | ".join(
+                f"{s[key]['mean'][i]:.{1 if key == 'rank_distance' else 4}f}" for key, *_ in CURVE_METRICS) + " |")
+    lines.append("")
+    lines += [f"- {arm}: chosen w per seed {', '.join(f'{w:g}' for w in s['chosen'])} "
+              f"({RULE_TEXT.get(s['rule'], s['rule'])})" for arm, s in summary.items()]
+    lines.append(f"\nFigure: `interpolation_curves.png` (lines: mean over seeds; bands: min-max).\n")
+    return {"paths": paths, "markdown": "\n".join(lines)}

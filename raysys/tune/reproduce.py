@@ -70,6 +70,10 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                 model_path = train(run_config).model_path
             runs[label]["seeds"].append(evaluate(model_path, datasets, config, work))
             runs[label]["models"].append({"seed": seed, "model_path": str(model_path)})
+            curve = interpolation_record(str(model_path)) if config.train.interpolate_weights else None
+            if curve:
+                runs[label].setdefault("curves", []).append(curve)
+                runs[label]["models"][-1]["interpolation_weight"] = curve["best"]["weight"]
     summaries = {label: {name: seed_mean_result([r[name] for r in run["seeds"]]) for name in datasets}
                  for label, run in runs.items()}
     bootstrap = {}
@@ -84,8 +88,14 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
     per_seed = {label: {name: [{**model, "summary": result[name]["summary"]}
                                for model, result in zip(run["models"], run["seeds"])] for name in datasets}
                 for label, run in runs.items() if "models" in run}
+    appendix = seed_spread_markdown(per_seed)
+    curves = {label: run["curves"] for label, run in runs.items() if run.get("curves")}
+    if curves:  # the whole validation curve of every run, not only the weights they chose
+        from raysys.tune.interpolation import write_curves_over_seeds
+
+        appendix += write_curves_over_seeds(curves, str(out))["markdown"]
     paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap,
-                             appendix_md=seed_spread_markdown(per_seed), extra_json={"per_seed": per_seed})
+                             appendix_md=appendix, extra_json={"per_seed": per_seed})
     print_summary("reproduce", time.perf_counter() - started,
                   [f"{label}: seed(s) {', '.join(map(str, seeds))}" for label in arms]
                   + [f"each model and the untrained one evaluated on {', '.join(map(str, datasets))}"],
@@ -109,6 +119,15 @@ def seed_spread_markdown(per_seed: dict) -> str:
                 cells.append(f"{v.mean():.{digits}f} ± {sd:.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})")
             rows.append(f"| {label} | {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n## Spread over seeds (mean ± sd, min–max)\n\n" + "\n".join(rows) + "\n"
+
+
+def interpolation_record(model_path: str) -> dict | None:
+    """The validation curve a run's interpolated model was chosen from (`<run>/interpolation/
+    interpolation.json`, beside the chosen `weight-<w>` model), or None for a plain export."""
+    path = storage.join(model_path.rstrip("/").rsplit("/", 1)[0], "interpolation.json")
+    record = storage.read_json(path) if storage.is_file(path) else None
+    chosen = [row for row in (record or {}).get("curve", []) if row["model"] == model_path]
+    return {**record, "best": chosen[0]} if chosen else None  # "best": the row this model is
 
 
 def learned_settings(config_dict: dict) -> dict:
