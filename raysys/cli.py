@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from raysys.config import Config
-from raysys.console import is_verbose, set_verbose
+from raysys.console import is_verbose, quiet_driver, set_verbose
 from raysys.errors import RaysysError
 
 # `section.key=value` (or `key=value`): an override, never a dataset name or a seed.
@@ -244,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "moved_overrides", []), *args.overrides]
     if args.verbose:
         set_verbose()
+    quiet_driver()
     if args.command == "prepare" and args.dataset is None:
         args.dataset = ["xquad-r"]
     try:

@@ -27,6 +27,14 @@ def set_verbose() -> None:
     os.environ[VERBOSE_ENV] = "1"  # the environment, so ensure_ray and every Ray worker see it
 
 
+def quiet_driver() -> None:
+    """The driver's own model loads (interpolation, export, the default model) without
+    transformers' per-load "Loading weights" bars; call before transformers is imported, which
+    reads the setting once."""
+    if not is_verbose():
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def ray_init_args(address: str | None, env_vars: dict[str, str]) -> dict:
     """Extra `ray.init` arguments (and driver environment) for the console settings above.
 

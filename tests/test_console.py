@@ -153,3 +153,15 @@ def test_quick_demo_transcript(tmp_path, tiny_model_dir, xquad_r_dir):
     assert any(line.startswith("| untrained |") for line in lines)
     assert any(line.startswith("| hybrid alpha=0.5 |") for line in lines)
     assert len(lines) < 40, transcript
+
+
+def test_driver_model_loads_draw_no_bars(tmp_path, tiny_model_dir):
+    """`raysys export` loads two models in the driver: no per-load "Loading weights" bar."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYSYS_", "HF_HUB_DISABLE"))}
+    env.update(RAYSYS_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    argv = [sys.executable, "-m", "raysys.cli", "export", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir),
+            "--interpolate", "0.5", "--out", str(tmp_path / "mixed")]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "mixed" / "config.json").exists()
+    assert "loading weights" not in (done.stdout + done.stderr).lower(), done.stderr
