@@ -8,6 +8,9 @@ first, then relevant ones by ascending id, so for relevant d of a query with rel
     rank(d) = #{j : s_j > s_d} + #{j : s_j == s_d} - #{e in R : s_e == s_d, e > d};
 in its group alone (the query's one relevant candidate of that language, LAReQA pairs)
     group_rank(d) = #{j in group(d) : s_j >= s_d}.
+The shards count only non-relevant j; the relevant candidates are placed among themselves by
+their round-1 scores, one value each, so two of them never share a rank even where another GEMM
+shape rounds a product one ulp differently.
 Shards are in-process objects (`LocalShards`: arrays in memory, or a small pool's stored files on
 one node) or Ray actors that load their range of the stored embedding files themselves
 (`ActorShards`); all run the same code.
@@ -168,11 +171,15 @@ def rank_block(shards, queries: np.ndarray, relevant: Sequence[np.ndarray], k: i
     # Round 2: every shard's top-k and counts against those scores.
     args = (q, thresholds, rel_ids, rel_groups, k)
     parts = shards.call("search_and_count", {s: args for s in range(len(shards.bounds) - 1)})
+    # The shards counted non-relevant candidates only; the relevant ones are ordered here, by their
+    # round-1 scores (one value each), so their ranks are distinct whatever the GEMM rounding.
     total = {name: sum(p[name] for p in parts.values()) for name in COUNTS}
-    tied_later = ((thresholds[:, None, :] == thresholds[:, :, None]) & (rel_ids[:, None, :] > rel_ids[:, :, None])
-                  & valid[:, None, :]).sum(2)
-    ranks = total["above"] + total["tied"] + 1 - tied_later  # + 1: the candidate itself
-    group_ranks = total["above_group"] + total["tied_group"] + 1
+    t_other, t_self = thresholds[:, None, :], thresholds[:, :, None]  # [B, R(d), R(e)]: e against d
+    other = valid[:, None, :] & ~np.eye(width, dtype=bool)[None]
+    ahead = (t_other > t_self) | ((t_other == t_self) & (rel_ids[:, None, :] < rel_ids[:, :, None]))
+    ranks = total["above"] + total["tied"] + 1 + (ahead & other).sum(2)  # + 1: the candidate itself
+    same_group = rel_groups[:, None, :] == rel_groups[:, :, None]
+    group_ranks = total["above_group"] + total["tied_group"] + 1 + ((t_other >= t_self) & same_group & other).sum(2)
     top_scores, top_ids = merge_top_k([p["scores"] for p in parts.values()], [p["ids"] for p in parts.values()], k)
     sizes = valid.sum(1)
     return BlockRanks([ranks[b, :n] for b, n in enumerate(sizes)], [group_ranks[b, :n] for b, n in enumerate(sizes)],

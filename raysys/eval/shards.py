@@ -6,8 +6,9 @@ need the whole score matrix in one place (`raysys.eval.ranking` adds the answers
 - `search_and_count`: its own top-k (FAISS) and, for every relevant candidate of every query
   (wherever that candidate lives), how many of its candidates score strictly above it and how
   many tie with it, over all its candidates and over those of the candidate's group (language).
-A shard does not count a relevant candidate against itself: the driver adds that 1, so a score
-recomputed one ulp apart can never make a candidate outrank itself.
+A shard leaves the query's own relevant candidates out of its counts: the driver orders them
+among themselves from their round-1 scores (and adds each one's 1), so a score recomputed one ulp
+apart in another GEMM shape can never make two relevant candidates share a rank.
 
 Scores are float32 BLAS products `queries @ vectors.T` over column chunks, the arithmetic of the
 single-process path. (OpenBLAS rounds some products one ulp differently for other matrix shapes,
@@ -145,16 +146,21 @@ class IndexShard:
                         sub, sub_t = scores[self._like(rows, scores)][:, cols], col[self._like(rows, scores)]
                         out["above_group"][rows, r] += self._numpy((sub > sub_t).sum(1))
                         out["tied_group"][rows, r] += self._numpy((sub == sub_t).sum(1))
-                # A relevant candidate held here is not counted against itself (the driver adds 1).
-                rows = np.flatnonzero((local[:, r] >= c0) & (local[:, r] < c1))
-                if rows.size:
-                    own = self._numpy(scores[self._like(rows, scores), self._like(local[rows, r] - c0, scores)])
-                    above = (own > t[rows, r]).astype(np.int64)
-                    tied = (own == t[rows, r]).astype(np.int64)
-                    for name in ("above", "above_group"):
-                        out[name][rows, r] -= above
-                    for name in ("tied", "tied_group"):
-                        out[name][rows, r] -= tied
+            # The query's relevant candidates held here are not counted at all (itself included):
+            # the driver orders them among themselves from the round-1 scores alone, so a product
+            # rounded one ulp differently in this chunk's GEMM can never disagree with that order.
+            for e in range(t.shape[1]):
+                rows = np.flatnonzero((local[:, e] >= c0) & (local[:, e] < c1))
+                if not rows.size:
+                    continue
+                own = self._numpy(scores[self._like(rows, scores), self._like(local[rows, e] - c0, scores)])
+                above = (own[:, None] > t[rows]).astype(np.int64)  # [n, R]: against every threshold
+                tied = (own[:, None] == t[rows]).astype(np.int64)
+                same_group = (self.groups[local[rows, e]][:, None] == rel_groups[rows]).astype(np.int64)
+                out["above"][rows] -= above
+                out["tied"][rows] -= tied
+                out["above_group"][rows] -= above * same_group
+                out["tied_group"][rows] -= tied * same_group
         out["scores"], out["ids"] = self.search(q, k) if top is None else top
         return out
 

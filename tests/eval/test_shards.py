@@ -13,6 +13,7 @@ from raysys.eval import encode
 from raysys.eval.lareqa import KS, evaluate_lareqa, evaluate_lareqa_stored, summarise
 from raysys.eval.metrics import per_query_rank_metrics, relevant_ranks
 from raysys.eval.ranking import LocalShards, merge_top_k, parts_for_range, rank_block
+from raysys.eval.shards import IndexShard
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
 
 LANGS = ("ar", "de", "en", "es")
@@ -199,3 +200,29 @@ def test_search_stored_equals_a_brute_force_top_k(ray_local, tmp_path, in_proces
     expected = np.stack([np.lexsort((np.arange(len(corpus)), -row))[:7] for row in full])
     assert np.array_equal(ids, expected)
     assert np.array_equal(scores, np.take_along_axis(full, expected, 1))
+
+
+class RoundsOneColumnLower(IndexShard):
+    """Test fixture: the count pass's chunk GEMM rounds candidate 2's product one ulp lower than
+    the small GEMM of round 1, as OpenBLAS does for some shapes."""
+
+    def _scores(self, q, cols):
+        scores = super()._scores(q, cols)
+        if isinstance(cols, slice) and cols.start <= 2 - self.first_id < cols.stop:
+            scores[:, 2 - self.first_id - cols.start] = np.nextafter(scores[:, 2 - self.first_id - cols.start], -np.inf)
+        return scores
+
+
+def test_relevant_candidates_never_share_a_rank_when_a_product_rounds_differently():
+    """Relevant 1 and 2 are the same vector, and so is non-relevant 4: round 1 scores both relevant
+    0.5, the count pass scores candidate 2 one ulp lower. Ranks follow the tie rule on the round-1
+    scores (non-relevant 4 first, then 1, then 2), distinct, on one shard and across two."""
+    candidates = np.array([[1.0, 0.0], [0.5, 0.0], [0.5, 0.0], [0.25, 0.0], [0.5, 0.0]], np.float32)
+    query = np.array([[1.0, 0.0]], np.float32)
+    for bounds in ([0, 5], [0, 2, 5]):
+        shards = LocalShards.__new__(LocalShards)
+        shards.bounds = np.array(bounds)
+        shards.shards = [RoundsOneColumnLower(lo, vectors=candidates[lo:hi]) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        got = rank_block(shards, query, [np.array([1, 2])], k=5)
+        assert got.ranks[0].tolist() == [3, 4], bounds
+        assert got.group_ranks[0].tolist() == [4, 4], bounds  # one group: every score >= 0.5 counts
