@@ -111,12 +111,13 @@ def cmd_export(args) -> None:
     from raysys.eval.run import model_dir_of
     from raysys.model.interpolate import write_interpolated
     from raysys.summary import print_summary
+    from raysys.train.selection import evaluated_weights
 
     started = time.perf_counter()
     tuned, base = model_dir_of(args.model), args.base or config.model.name_or_path
     weights = [float(w) for w in args.interpolate.split(",")]
     out = args.out or str(Path(config.output_dir) / "export" / f"interpolated-{'-'.join(f'{w:g}' for w in weights)}")
-    if len(weights) == 1:
+    if len(evaluated_weights(weights, config.train.interpolate_rule)) == 1:  # keep_mono adds w = 0
         write_interpolated(base, tuned, weights[0], out)
         print_summary("export", time.perf_counter() - started, [f"(1 - {weights[0]:g}) x {base} + {weights[0]:g} x {tuned}"],
                       {"model": out})
@@ -125,10 +126,11 @@ def cmd_export(args) -> None:
 
     curve = interpolation_curve(tuned, base, weights, config, Path(out).with_name(Path(out).name + "-curve"),
                                 datasets=args.datasets)
-    best = curve["best"]
+    best, evaluated = curve["best"], [r["weight"] for r in curve["rows"]]
     write_interpolated(base, tuned, best["weight"], out)
     print_summary("export", time.perf_counter() - started,
-                  [f"weights {', '.join(f'{w:g}' for w in weights)} on the validation articles; best w = {best['weight']:g}"],
+                  [f"weights {', '.join(format(w, 'g') for w in evaluated)} on the validation articles; "
+                   f"chosen w = {best['weight']:g} ({config.train.interpolate_rule})"],
                   {"model": out, **{k: str(v) for k, v in curve["paths"].items()}}, curve_table(curve["rows"]))
 
 

@@ -19,6 +19,7 @@ from raysys import storage
 from raysys.config import Config
 from raysys.errors import RaysysError
 from raysys.eval.report import atomic_write, save_figure
+from raysys.model.default import resolve_model_path
 from raysys.model.interpolate import write_interpolated
 from raysys.train.checkpoint import write_json_atomic
 from raysys.train.selection import choose_weight, evaluated_weights
@@ -47,10 +48,13 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
     datasets = datasets or [config.data.train]
     rows = []
     rule = config.train.interpolate_rule
+    # One work directory for every curve: embeddings are cached by model identity, so the initial
+    # model (w = 0, scored as itself) is encoded once for all the runs of a sweep or reproduction.
+    work = storage.join(str(config.output_dir), "interpolation-eval")
     for weight in evaluated_weights(weights, rule):
         model_dir = storage.join(out_dir, f"weight-{weight:g}")
         write_interpolated(base, tuned, weight, model_dir)
-        results = evaluate(model_dir, datasets, validation, storage.join(out_dir, "work"))
+        results = evaluate(resolve_model_path(base) if weight == 0.0 else model_dir, datasets, validation, work)
         rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
         print(f"[export] weight {weight:g}: mean validation mAP {rows[-1]['mean_map']:.4f}", flush=True)
     best = choose_weight(rows, rule)

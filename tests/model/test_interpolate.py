@@ -76,6 +76,20 @@ def test_export_command_chooses_the_weight_on_validation_articles(ray_local, tin
     chosen = AutoModel.from_pretrained(out).state_dict()["pooler.dense.weight"]
     expected = AutoModel.from_pretrained(best["model"]).state_dict()["pooler.dense.weight"]
     assert torch.equal(chosen, expected)
+    # A second curve, by the keep_mono rule: the initial model (w = 0) is scored from the cached
+    # embeddings of the first curve, not encoded again; the rule's weight is written.
+    embeddings = tmp_path / "interpolation-eval" / "embeddings"
+    before = {d.name for d in embeddings.iterdir()}
+    assert len(before) == 3  # the initial model, w = 0.5, w = 1
+    code = main(["export", "--model", str(tuned_dir), "--base", str(tiny_model_dir), "--interpolate", "1",
+                 "--out", str(tmp_path / "kept"), f"output_dir={tmp_path}", f"data.train={data}",
+                 "data.validation_fraction=0.4", "data.test_fraction=0.2", "train.interpolate_rule=keep_mono"])
+    assert code == 0
+    second = json.loads((tmp_path / "kept-curve" / "interpolation.json").read_text())
+    assert [r["weight"] for r in second["curve"]] == [0.0, 1.0] and second["rule"] == "keep_mono"
+    assert second["curve"][0]["mono_map"] == curve["curve"][0]["mono_map"]
+    assert len({d.name for d in embeddings.iterdir()} - before) == 1  # only the new w = 1 copy
+    assert second["best"]["weight"] == choose_weight(second["curve"], "keep_mono")["weight"]
 
 
 @pytest.mark.slow  # a training run and two validation evaluations: `make test-slow`
