@@ -142,6 +142,13 @@ class EvalConfig:
     # pools, multi-node clusters and GPU shards use index-shard actors. 0: always actors.
     in_process_max_candidates: int = 100_000
     top_k: int = 100
+    # Approximate top-k for MIRACL-style corpora too large for exact search (raysys.eval.approximate):
+    # a FAISS index_factory string ("IVF4096,PQ32", "HNSW32") and its search parameters ("nprobe=32");
+    # recall@k against exact search on ann_recall_queries topics is reported beside the metrics.
+    # LAReQA's ranks are always exact. None: exact IndexFlatIP.
+    ann_index: str | None = None
+    ann_params: str | None = None
+    ann_recall_queries: int = 1000
     bootstrap_samples: int = 1000
     max_length: int = 256
 
@@ -303,7 +310,7 @@ class Config:
         if e.in_process_max_candidates < 0:
             raise fail("eval.in_process_max_candidates", f"{e.in_process_max_candidates} is negative",
                        "use 0 (always index-shard actors) or a candidate count")
-        for key in ("batch_tokens", "num_encoders", "num_shards", "top_k", "max_length"):
+        for key in ("batch_tokens", "num_encoders", "num_shards", "top_k", "max_length", "ann_recall_queries"):
             if getattr(e, key) is not None and getattr(e, key) < 1:
                 raise fail(f"eval.{key}", f"{getattr(e, key)} is below 1", "use a positive integer")
         if e.fast_path not in (None, "bf16", "int8"):

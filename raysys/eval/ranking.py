@@ -54,13 +54,13 @@ class LocalShards:
 
     @classmethod
     def from_files(cls, files: Sequence[tuple[str, int]], bounds: Sequence[int],
-                   groups: np.ndarray | None = None) -> "LocalShards":
+                   groups: np.ndarray | None = None, shard_class=IndexShard, **shard_kwargs) -> "LocalShards":
         """The same shards over stored embedding files, loaded in this process (a small pool on
         one node: no actor start-up; each shard reads only its range, as an actor would)."""
         shards = cls.__new__(cls)
         shards.bounds = _check_bounds(bounds, sum(n for _, n in files))
-        shards.shards = [IndexShard(int(lo), parts=parts_for_range(files, int(lo), int(hi)),
-                                    groups=None if groups is None else groups[lo:hi])
+        shards.shards = [shard_class(int(lo), parts=parts_for_range(files, int(lo), int(hi)),
+                                     groups=None if groups is None else groups[lo:hi], **shard_kwargs)
                          for lo, hi in zip(shards.bounds[:-1], shards.bounds[1:])]
         return shards
 
@@ -79,15 +79,15 @@ class ActorShards:
     files [(uri, rows)] itself. use_gpu: one GPU per actor (FAISS GPU index + counts on it)."""
 
     def __init__(self, files: Sequence[tuple[str, int]], bounds: Sequence[int], groups: np.ndarray | None = None,
-                 use_gpu: bool = False, cpus_per_shard: int = 1):
+                 use_gpu: bool = False, cpus_per_shard: int = 1, shard_class=IndexShard, **shard_kwargs):
         import ray
 
         total = sum(n for _, n in files)
         self.bounds = _check_bounds(bounds, total)
-        cls = ray.remote(IndexShard).options(num_cpus=0 if use_gpu else cpus_per_shard, num_gpus=1 if use_gpu else 0)
+        cls = ray.remote(shard_class).options(num_cpus=0 if use_gpu else cpus_per_shard, num_gpus=1 if use_gpu else 0)
         self.actors = [cls.remote(int(lo), parts=parts_for_range(files, int(lo), int(hi)),
                                   groups=None if groups is None else groups[lo:hi], use_gpu=use_gpu,
-                                  threads=cpus_per_shard)
+                                  threads=cpus_per_shard, **shard_kwargs)
                        for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
         ray.get([a.info.remote() for a in self.actors])  # load now: a bad file fails here, named
 
@@ -111,12 +111,15 @@ class ActorShards:
 
 
 def open_shards(files: Sequence[tuple[str, int]], bounds: Sequence[int], groups: np.ndarray | None = None, *,
-                use_gpu: bool = False, cpus_per_shard: int = 1, in_process: bool = False):
+                use_gpu: bool = False, cpus_per_shard: int = 1, in_process: bool = False, shard_class=IndexShard,
+                **shard_kwargs):
     """Index shards over stored embedding files: Ray actors, or (`in_process`, small pools on one
-    node) the same shards in this process. Call `close()` when done."""
+    node) the same shards in this process. `shard_class`: IndexShard (exact) or another shard with
+    the same constructor (raysys.eval.approximate). Call `close()` when done."""
     if in_process:
-        return LocalShards.from_files(files, bounds, groups)
-    return ActorShards(files, bounds, groups, use_gpu=use_gpu, cpus_per_shard=cpus_per_shard)
+        return LocalShards.from_files(files, bounds, groups, shard_class=shard_class, **shard_kwargs)
+    return ActorShards(files, bounds, groups, use_gpu=use_gpu, cpus_per_shard=cpus_per_shard,
+                       shard_class=shard_class, **shard_kwargs)
 
 
 def search_top_k(shards, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

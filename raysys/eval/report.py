@@ -24,7 +24,8 @@ from raysys import storage
 
 SETTINGS = ("monolingual", "cross_lingual", "multilingual")
 SHORT = {"monolingual": "Mono", "cross_lingual": "Cross", "multilingual": "Multi"}
-JSON_KEYS = ("summary", "pairs", "multilingual_per_language", "per_language")  # per_query/top_k are raw arrays
+JSON_KEYS = ("summary", "pairs", "multilingual_per_language", "per_language",  # per_query/top_k are raw arrays
+             "approximate_search")
 
 
 def is_lareqa(result: dict) -> bool:
@@ -71,6 +72,11 @@ def format_summary_table(results: dict[str, dict]) -> str:
             rows += [[name, lang] + [_fmt(v[m]) for m in metrics] for lang, v in result["per_language"].items()]
             rows.append([name, "**mean**"] + [_fmt(s[m]) for m in metrics])
             tables.append(_md_table(rows, text_cols=2))
+            for lang, ann in result.get("approximate_search", {}).items():  # never mistaken for exact
+                recalls = ", ".join(f"{key} {_fmt(v)}" for key, v in ann.items() if key.startswith("recall@"))
+                params = f" ({ann['params']})" if ann.get("params") else ""
+                tables.append(f"\n**Approximate search** ({name}, {lang}): FAISS `{ann['index']}`{params}; its "
+                              f"top-k against exact search on {ann['sampled_queries']} topics: {recalls}.\n")
             continue
         main.append([name] + [_fmt(s[x]["map"]) for x in SETTINGS]
                     + [_fmt(s["multilingual"].get("rank_distance"), 1)])

@@ -193,8 +193,14 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         ensure_ray()
         files = encode_sets({"corpus": ([corpus[d] for d in docids], "passage"),
                              "topics": ([topics[q] for q in qids], "query")}, **common)
-        scores, top = search_stored(files["corpus"], files["topics"], min(max(100, e.top_k), len(docids)),
-                                    _shard_plan(config, len(docids)))
+        depth, plan = min(max(100, e.top_k), len(docids)), _shard_plan(config, len(docids))
+        if e.ann_index:  # approximate top-k, with its recall against exact search reported
+            from raysys.eval.approximate import approximate_top_k
+
+            scores, top, out.setdefault("approximate_search", {})[lang] = approximate_top_k(
+                files["corpus"], files["topics"], depth, plan, e.ann_index, e.ann_params, e.ann_recall_queries)
+        else:
+            scores, top = search_stored(files["corpus"], files["topics"], depth, plan)
         run = {q: [docids[i] for i in row if i >= 0] for q, row in zip(qids, top)}
         out["per_language"][lang] = score_run(run, qrels)["mean"]
         out["trec_run"][lang] = trec_run(qids, run, scores, tag=Path(model_path).name or "raysys")

@@ -145,3 +145,23 @@ def test_evaluation_holds_out_what_training_left_out_under_either_rule(tmp_path,
     seen = {g for table in trained.values() for g in table.column("group").to_pylist()}
     assert test_groups and not test_groups & seen
     assert test_groups | seen == {f"article-{i:03d}" for i in range(12)}
+
+
+def test_miracl_with_an_approximate_index_reports_its_recall(ray_local, tmp_path, tiny_model_dir):
+    """eval.ann_index: MIRACL-style top-k from IVF shards; visiting every list equals exact search,
+    and the recall against exact search is in the result and in the report beside the metrics."""
+    from raysys.eval.report import write_report
+
+    miracl = f"miracl:{write_miracl(tmp_path / 'miracl')}"
+    exact = evaluate(str(tiny_model_dir), [miracl], Config.from_yaml(None, ["eval.max_length=32"]), tmp_path / "work",
+                     progress=False)[miracl]
+    config = Config.from_yaml(None, ["eval.max_length=32", "eval.ann_index=IVF2,Flat", "eval.ann_params=nprobe=2",
+                                     "eval.ann_recall_queries=2"])
+    approximate = evaluate(str(tiny_model_dir), [miracl], config, tmp_path / "work", progress=False)[miracl]
+    assert approximate["summary"] == exact["summary"] and "approximate_search" not in exact
+    for lang in ("de", "en"):
+        assert approximate["approximate_search"][lang] == {"index": "IVF2,Flat", "params": "nprobe=2",
+                                                           "sampled_queries": 2, "recall@10": 1.0, "recall@12": 1.0}
+    write_report({miracl: approximate}, tmp_path / "report")
+    summary = (tmp_path / "report" / "summary.md").read_text()
+    assert "**Approximate search**" in summary and "`IVF2,Flat` (nprobe=2)" in summary and "recall@12 1" in summary
