@@ -17,7 +17,7 @@ from pathlib import Path
 
 from raysys.config import Config
 from raysys.console import is_verbose, quiet_driver, set_verbose
-from raysys.errors import RaysysError
+from raysys.errors import ConfigError, RaysysError
 
 # `section.key=value` (or `key=value`): an override, never a dataset name or a seed.
 OVERRIDE_WORD = re.compile(r"^[A-Za-z_][\w.]*=")
@@ -134,6 +134,32 @@ def cmd_export(args) -> None:
                   {"model": out, **{k: str(v) for k, v in curve["paths"].items()}}, curve_table(curve["rows"]))
 
 
+def cmd_mine(args) -> None:
+    """Retrieve one hard negative per pair of a JSONL / Parquet corpus and write the mined file."""
+    config = _config(args)
+    from raysys.data.split import resolve_split_rule
+    from raysys.eval.mine import mine_hard_negatives, write_pairs
+    from raysys.eval.pairs_corpus import is_pairs_input, read_pairs_table
+    from raysys.model.default import resolve_model_path
+    from raysys.summary import print_summary
+
+    started = time.perf_counter()
+    source = args.input or config.data.train
+    if not is_pairs_input(str(source)):
+        raise ConfigError(f"{source} is not a JSONL / Parquet pairs input", field="--input",
+                          hint="LAReQA directories have their own negatives: data.hard_negatives=paragraph")
+    pairs = read_pairs_table(str(source), resolve_split_rule(config.data.split_rule, lareqa=False))
+    model = resolve_model_path(args.model or config.model.name_or_path)
+    mined, summary = mine_hard_negatives(pairs, str(model), config, Path(config.output_dir) / "mine",
+                                         range_min=args.range_min, range_max=args.range_max,
+                                         relative_margin=args.margin)
+    out = write_pairs(mined, args.out)
+    print_summary("mine", time.perf_counter() - started,
+                  [f"{summary['mined']} of {summary['rows']} rows got a hard negative (median rank "
+                   f"{summary['median_rank']}; ranks {args.range_min + 1}-{args.range_max}, margin {args.margin:g})"],
+                  {"pairs": f"{out} (train on it with data.train={out})"})
+
+
 def cmd_tune(args) -> None:
     config = _config(args)
     from raysys.tune.sweep import run_sweep
@@ -190,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
                    help="LAReQA datasets whose validation articles choose w (default: data.train)")
     p.add_argument("--out", help="output model directory or storage URI")
+    p = add("mine", cmd_mine, "retrieve one hard negative per pair of a JSONL / Parquet corpus")
+    p.add_argument("--input", help="pairs file, directory or URI (default: data.train)")
+    p.add_argument("--model", help="the retriever (default: model.name_or_path)")
+    p.add_argument("--out", required=True, help="the mined pairs file (.parquet or .jsonl; a path or storage URI)")
+    p.add_argument("--range-min", type=int, default=0, help="skip this many top-ranked candidates (likely positives)")
+    p.add_argument("--range-max", type=int, default=50, help="search this deep")
+    p.add_argument("--margin", type=float, default=0.05,
+                   help="relative margin: a negative scores at most (1 - margin) x the positive")
     add("tune", cmd_tune, "Ray Tune sweep over alpha (and lr, temperature)")
     p = add("reproduce", cmd_reproduce, "alpha = 1 vs 0.5 vs 0 with several seeds, evaluated zero-shot")
     p.add_argument("--seeds", type=int_or_override, nargs="+", default=[0, 1, 2], action=ListThenOverrides)
