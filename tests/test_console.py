@@ -155,6 +155,7 @@ def test_quick_demo_transcript(tmp_path, tiny_model_dir, xquad_r_dir):
     assert len(lines) < 40, transcript
 
 
+@pytest.mark.slow  # a CLI subprocess: `make test-slow`
 def test_driver_model_loads_draw_no_bars(tmp_path, tiny_model_dir):
     """`raysys export` loads two models in the driver: no per-load "Loading weights" bar."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAYSYS_", "HF_HUB_DISABLE"))}

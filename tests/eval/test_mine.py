@@ -34,6 +34,7 @@ def expected_negatives(pairs, q_emb, c_emb, range_min, range_max, margin):
     return [by_key[(r["id"], r["lang"])] for r in pairs.select(["id", "lang"]).to_pylist()]
 
 
+@pytest.mark.slow  # three mining runs through Ray Data encoders: `make test-slow`
 def test_mined_negatives_follow_the_rule(ray_local, tmp_path, tiny_model_dir):
     """Three settings on the same pairs (the tiny model's scores lie within ~1.5 % of each other,
     so a 0.2 % margin bites): each mined column equals the rule on the full score matrix, and

@@ -147,6 +147,7 @@ def test_evaluation_holds_out_what_training_left_out_under_either_rule(tmp_path,
     assert test_groups | seen == {f"article-{i:03d}" for i in range(12)}
 
 
+@pytest.mark.slow  # two MIRACL-style evaluations: `make test-slow`
 def test_miracl_with_an_approximate_index_reports_its_recall(ray_local, tmp_path, tiny_model_dir):
     """eval.ann_index: MIRACL-style top-k from IVF shards; visiting every list equals exact search,
     and the recall against exact search is in the result and in the report beside the metrics."""
