@@ -20,11 +20,13 @@ time, per round and over the sum of rounds. The embeddings are compared with st'
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -118,6 +120,7 @@ def main() -> None:
     fast_paths = [f for f in args.fast_paths.split(",") if f]
     ensure_ray(num_cpus=args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-encode-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)  # embeddings of every call: GBs
 
     def run_st() -> np.ndarray:
         with torch.inference_mode():

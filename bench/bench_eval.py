@@ -19,11 +19,13 @@ Parts (`--parts`, each merged into the `--out` JSON under its own key, so they c
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -108,6 +110,7 @@ def part_full(args) -> dict:
         warnings.simplefilter("ignore")
         n_c = run_mod.load_eval_corpus("xquad-r", config).candidates.num_rows  # (prepares the data cache)
     work = Path(tempfile.mkdtemp(prefix="bench-eval-full-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     log(f"full XQuAD-R evaluation, work dir {work}")
     try:
         t = time.perf_counter()
@@ -143,7 +146,6 @@ def part_full(args) -> dict:
                                   "max_abs_delta": max(abs(v) for v in deltas.values()),
                                   "passed": bool(max(abs(v) for v in deltas.values()) <= MAP_TOLERANCE)},
         },
-        "work_dir": str(work),
     }
 
 
@@ -164,6 +166,7 @@ def part_fast(args) -> dict:
     model_path = resolve_model_path("default")
     settings = encoder_settings(config)
     work = Path(tempfile.mkdtemp(prefix="bench-eval-fast-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     variants = [None] + [f for f in args.fast_paths.split(",") if f]
     out = {}
     for fast_path in variants:

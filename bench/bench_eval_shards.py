@@ -23,12 +23,14 @@ rank distance of a query subsample against a brute-force NumPy reference (a sepa
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -220,6 +222,8 @@ def main() -> None:
         return
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="bench-eval-shards-"))
+    if not args.work:  # generated data is GBs at the larger sizes; a --work directory is kept for reruns
+        atexit.register(shutil.rmtree, work, ignore_errors=True)
     rows = []
     for n in args.sizes:
         data = work / f"n{n}"

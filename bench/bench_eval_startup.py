@@ -17,11 +17,13 @@ Reports the medians and the ratios of each pair.
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime as dt
 import json
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -51,6 +53,7 @@ def main() -> None:
     from tests.tiny_model import build_tiny_model
 
     work = Path(tempfile.mkdtemp(prefix="bench-eval-startup-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     model = str(build_tiny_model(work / "model"))
     config = Config()
     corpus = read_lareqa_dir(args.data, config.data.languages)

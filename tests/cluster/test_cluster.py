@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,16 @@ def run_ok(cluster, args: list[str], timeout: float = 900, env: dict | None = No
     done = cluster.run_driver(args, env={**cluster.base_env, **(env or {})}, timeout=timeout)
     assert done.returncode == 0, f"{args[:2]} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return done
+
+
+# A line Ray's log monitor forwarded from a cluster process ("(raylet) ...", "(pid=..., ip=...) ..."),
+# possibly coloured: these can arrive after the driver's own last line (a raylet's full-disk warning did).
+FORWARDED = re.compile(r"^(\x1b\[\d+m)*\((raylet|[\w.]*\s*pid=)")
+
+
+def last_own_line(stderr: str) -> str:
+    """The driver's own last stderr line, skipping what Ray forwarded from the nodes."""
+    return [line for line in stderr.strip().splitlines() if not FORWARDED.match(line)][-1]
 
 
 def printed(stdout: str, label: str) -> str:
@@ -149,7 +160,7 @@ def test_misconfigured_cluster_fails_in_one_line(cluster):
     done = cluster.run_driver([RAYSYS, "train", *tiny_args(cluster, "bad", str(private), "train.max_steps=1")],
                               env=cluster.base_env, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
-    error = done.stderr.strip().splitlines()[-1]
+    error = last_own_line(done.stderr)
     assert "do not see" in error and "train.storage_path" in error and str(private) in error
 
     env = {**cluster.base_env, "RAY_AUTH_MODE": ""}
@@ -158,7 +169,7 @@ def test_misconfigured_cluster_fails_in_one_line(cluster):
                              env={k: v for k, v in cluster.driver_env(env).items() if k != "RAY_AUTH_MODE"},
                              cwd=cluster.head_dir, capture_output=True, text=True, timeout=120)
     assert no_auth.returncode == 2 and time.time() - started < 60
-    assert "RAY_AUTH_MODE=token" in no_auth.stderr.strip().splitlines()[-1]
+    assert "RAY_AUTH_MODE=token" in last_own_line(no_auth.stderr)
 
 
 def test_losing_a_node_mid_run_finishes_from_the_last_checkpoint(cluster, s3_env):
