@@ -81,6 +81,7 @@ def headline(summary: dict) -> dict:
 
 
 def part_full(args) -> dict:
+    import raysys.eval.embeddings as embeddings_mod
     import raysys.eval.run as run_mod
     from raysys.runtime import ensure_ray
 
@@ -103,8 +104,9 @@ def part_full(args) -> dict:
         return wrapper
 
     # Time the phases inside evaluate() without changing it.
-    real_encode, real_metrics = run_mod.encode_to_storage, run_mod.evaluate_lareqa_stored
-    run_mod.encode_to_storage = timed(real_encode, lambda a, kw: f"encode {kw['name']} ({len(a[0])} texts)")
+    real_encode, real_metrics = embeddings_mod.encode_sets, run_mod.evaluate_lareqa_stored
+    embeddings_mod.encode_sets = timed(real_encode, lambda a, kw: "encode " + ", ".join(
+        f"{name} ({len(texts)} texts)" for name, (texts, _) in a[0].items()))
     run_mod.evaluate_lareqa_stored = timed(real_metrics, lambda a, kw: "metrics (index-shard actors: exact ranks)")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -119,7 +121,7 @@ def part_full(args) -> dict:
             result = run_mod.evaluate("default", ["xquad-r"], config, work, progress=False)["xquad-r"]
         wall = time.perf_counter() - t
     finally:
-        run_mod.encode_to_storage, run_mod.evaluate_lareqa_stored = real_encode, real_metrics
+        embeddings_mod.encode_sets, run_mod.evaluate_lareqa_stored = real_encode, real_metrics
     got = headline(result["summary"])
     n_q = sum(v["num_queries"] for v in result["multilingual_per_language"].values())
     deltas = {f"{s}_map": round(got[f"{s}_map"] - REFERENCE[f"{s}_map"], 4) for s in SETTINGS}
@@ -152,7 +154,8 @@ def part_full(args) -> dict:
 def part_fast(args) -> dict:
     from raysys.eval.encode import encode_texts
     from raysys.eval.lareqa import evaluate_lareqa
-    from raysys.eval.run import encoder_settings, load_eval_corpus
+    from raysys.eval.embeddings import encoder_settings
+    from raysys.eval.run import load_eval_corpus
     from raysys.model.default import resolve_model_path
     from raysys.runtime import ensure_ray
 

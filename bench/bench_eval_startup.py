@@ -48,7 +48,7 @@ def main() -> None:
     from raysys.data.split import split_groups
     from raysys.eval.encode import encode_sets, encode_to_storage
     from raysys.eval.lareqa import evaluate_lareqa_stored
-    from raysys.eval.run import encoder_settings
+    from raysys.eval.embeddings import encoder_settings
     from raysys.runtime import ensure_ray
     from tests.tiny_model import build_tiny_model
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from raysys.errors import ConfigError
-from raysys.eval.ranking import balanced_bounds, merge_top_k, open_shards, search_top_k, stored_blocks
+from raysys.eval.ranking import balanced_bounds, merge_top_k, open_shards, search_stored_queries, stored_blocks
 from raysys.eval.shards import chunk_top_k, faiss, merge_sorted, read_embedding_file
 
 ANN_TRAIN_ROWS = 100_000  # per shard: FAISS asks for 30-256 training points per IVF list
@@ -98,8 +98,7 @@ def approximate_top_k(corpus_files: list[tuple[str, int]], query_files: list[tup
     bounds = balanced_bounds(sum(n for _, n in corpus_files), plan.pop("num_shards"))
     shards = open_shards(corpus_files, bounds, shard_class=ApproximateShard, ann=ann, ann_params=ann_params, **plan)
     try:
-        tops = [search_top_k(shards, queries, k) for _, queries in stored_blocks(query_files, block)]
-        scores, ids = np.concatenate([s for s, _ in tops]), np.concatenate([i for _, i in tops])
+        scores, ids = search_stored_queries(shards, query_files, k, block)
         # Recall: a sample spread over the queries, picked while the files stream past.
         sample = np.unique(np.linspace(0, len(ids) - 1, min(recall_queries, len(ids))).round().astype(np.int64))
         picked = [q[sample[(sample >= first) & (sample < first + len(q))] - first]

@@ -35,10 +35,7 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
                         range_min: int = 0, range_max: int = 50, relative_margin: float = 0.05,
                         progress: bool = True) -> tuple[pa.Table, dict]:
     """`pairs` (PAIR_SCHEMA rows) with `hard_negative` mined; and a small summary."""
-    from raysys.eval.encode import encode_sets
-    from raysys.eval.run import (_cache_key, _embeddings_dir, _encoder_threads, _model_fingerprint, _shard_plan,
-                                 encoder_settings, encoding_mode)
-    from raysys.runtime import ensure_ray
+    from raysys.eval.embeddings import encode_cached, shard_plan
 
     if not 0 <= range_min < range_max:
         raise ConfigError(f"range_min {range_min} and range_max {range_max} leave no rank to mine from",
@@ -58,18 +55,11 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
     bounds = np.array([0] + [int(np.flatnonzero(c_langs == lang)[-1]) + 1 for lang in languages])
     shard_of = {lang: s for s, lang in enumerate(languages)}
 
-    e, settings = config.eval, encoder_settings(config)
     # Embeddings are reused only for the same model, encoder settings, texts and encoding mode.
-    key = _cache_key(_model_fingerprint(model_path), json.dumps(vars(settings), sort_keys=True),
-                     texts_digest(corpus.questions.column("text"), corpus.candidates.column("text")), encoding_mode(config))
-    ensure_ray()
-    files = encode_sets({"queries": (corpus.questions.column("text").to_pylist(), "query"),
-                         "passages": (c_texts, "passage")},
-                        model_path=model_path, settings=settings,
-                        out_dir=_embeddings_dir(Path(work_dir), f"mine-{key}", config),
-                        batch_tokens=e.batch_tokens, fast_path=e.fast_path, num_encoders=e.num_encoders,
-                        use_gpu=config.train.use_gpu, threads=_encoder_threads(e), progress=progress)
-    plan = _shard_plan(config, len(c_texts))
+    digest = texts_digest(corpus.questions.column("text"), corpus.candidates.column("text"))
+    files = encode_cached({"queries": (corpus.questions.column("text").to_pylist(), "query"),
+                           "passages": (c_texts, "passage")}, model_path, config, work_dir, "mine", [digest], progress)
+    plan = shard_plan(config, len(c_texts))
     plan.pop("num_shards")
     shards = open_shards(files["passages"], bounds, **plan)
     negatives: list[str | None] = [None] * len(q_ids)

@@ -130,6 +130,14 @@ def search_top_k(shards, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.nd
     return merge_top_k([scores for scores, _ in parts.values()], [ids for _, ids in parts.values()], k)
 
 
+def search_stored_queries(shards, query_files: Sequence[tuple[str, int]], k: int,
+                          block: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """search_top_k of every stored query embedding, streamed from its files in blocks: the
+    driver holds one block of queries and the merged top-k lists, never the corpus."""
+    tops = [search_top_k(shards, queries, k) for _, queries in stored_blocks(query_files, block)]
+    return np.concatenate([s for s, _ in tops]), np.concatenate([i for _, i in tops])
+
+
 def parts_for_range(files: Sequence[tuple[str, int]], lo: int, hi: int) -> list[tuple[str, int, int]]:
     """[(uri, first row, end row)] of the files that rows lo..hi-1 of their concatenation span."""
     parts, start = [], 0

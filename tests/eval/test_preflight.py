@@ -7,7 +7,7 @@ import pytest
 import raysys.eval.run as run
 from raysys.config import Config
 from raysys.errors import ConfigError, DataError
-from raysys.eval import preflight
+from raysys.eval import embeddings, preflight
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
 from tests.eval.test_run import write_miracl
 
@@ -18,8 +18,8 @@ def no_encoding(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("encoding started before every dataset was checked")
 
-    monkeypatch.setattr(run, "encode_sets", forbidden)
-    monkeypatch.setattr(run, "ensure_ray", forbidden)
+    monkeypatch.setattr(embeddings, "encode_sets", forbidden)
+    monkeypatch.setattr(embeddings, "ensure_ray", forbidden)
 
 
 def config_for(tmp_path, *overrides) -> Config:

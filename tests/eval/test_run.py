@@ -106,15 +106,6 @@ def test_auto_split_holds_out_only_the_training_dataset(tmp_path, xquad_r_dir):
     assert resolve_split(xquad_r_dir, explicit) == "all"
 
 
-def test_embedding_cache_key_records_device_and_precision():
-    from raysys.eval.run import encoding_mode
-
-    modes = {encoding_mode(Config.from_yaml(None, overrides)) for overrides in (
-        [], ["eval.fast_path=bf16"], ["eval.fast_path=int8"], ["train.use_gpu=true"],
-        ["train.use_gpu=true", "eval.fast_path=bf16"])}
-    assert modes == {"cpu-fp32", "cpu-bf16", "cpu-int8", "gpu-fp32", "gpu-bf16"}
-
-
 def test_evaluates_the_test_split_of_a_pairs_file(ray_local, tmp_path, tiny_model_dir):
     """A JSONL training file's held-out rows are evaluated like a LAReQA set (eval.split=auto)."""
     from raysys.eval.pairs_corpus import pairs_eval_corpus, read_pairs_table
