@@ -14,7 +14,8 @@ Each measurement is a fresh process (peak RSS = that process's ru_maxrss):
     driver, then that commit's `evaluate_lareqa` (ShardedIndex in the driver + NumPy score blocks),
     up to --old-up-to candidates.
 Checks: new == old (every summary figure, ==) where both ran; else per-query multilingual AP and
-rank distance of a query subsample against a brute-force NumPy reference (a separate process).
+rank distance of a query subsample against a brute-force NumPy reference (float64, near-ties
+rescored as the shards rescore them; a separate process).
 
     flock /tmp/raysys-heavy.lock .venv/bin/python bench/bench_eval_shards.py \\
         --sizes 500000 1000000 --old-up-to 1000000 --out bench/results/eval_shards.json
@@ -170,21 +171,37 @@ def save_per_query(path: Path, corpus, result: dict) -> None:
 
 
 def check_subsample(data: Path, sample: int) -> dict:
-    """Brute force (full score rows, the tie rule written out) for `sample` queries."""
+    """Brute force (full score rows, the tie rule written out) for `sample` queries: float64 score
+    rows, and the candidates within 1e-9 of a relevant one rescored by raysys.eval.shards.exact_scores
+    (what the shards compare near-ties by), read back from the files in a second pass."""
     from raysys.eval.metrics import average_precision_from_ranks, max_rank_distance
-    from raysys.eval.shards import read_embedding_file
+    from raysys.eval.shards import exact_scores, read_embedding_file
 
     files = json.loads((data / "files.json").read_text())
     corpus = load_corpus(data)
     rows = np.random.default_rng(1).choice(corpus.questions.num_rows, size=sample, replace=False)
     q = np.concatenate([read_embedding_file(p) for p, _ in files["queries"]])[rows]
-    scores = np.concatenate([q @ read_embedding_file(p).T for p, _ in files["candidates"]], axis=1)
+    scores = np.concatenate([q.astype(np.float64) @ read_embedding_file(p).astype(np.float64).T
+                             for p, _ in files["candidates"]], axis=1)
     gold = corpus.relevant_by_question()
     ids = corpus.questions.column("id").to_pylist()
+    rels = [sorted(gold[ids[row]].values()) for row in rows]
+    near = {i: np.unique(np.concatenate([np.flatnonzero(np.abs(scores[i] - scores[i, d]) <= 1e-9) for d in rel]))
+            for i, rel in enumerate(rels)}
+    wanted = np.unique(np.concatenate(list(near.values())))
+    vectors, first = {}, 0
+    for p, n in files["candidates"]:
+        inside = wanted[(wanted >= first) & (wanted < first + n)]
+        if inside.size:
+            emb = read_embedding_file(p)
+            vectors.update(zip(inside.tolist(), emb[inside - first]))
+        first += n
+    for i, cols in near.items():
+        scores[i, cols] = exact_scores(np.repeat(q[i:i + 1], cols.size, axis=0), np.stack([vectors[c] for c in cols]))
     got = np.load(data / "new_per_query.npz")
     mismatches = 0
     for i, row in enumerate(rows):
-        rel, s = sorted(gold[ids[row]].values()), scores[i]
+        rel, s = rels[i], scores[i]
         ranks = np.array([int((s >= s[d]).sum()) - sum(1 for e in rel if e > d and s[e] == s[d]) for d in rel])
         mismatches += (average_precision_from_ranks(ranks) != got["ap"][row]
                        or max_rank_distance(ranks) != got["rank_distance"][row])

@@ -175,17 +175,19 @@ def rank_block(shards, queries: np.ndarray, relevant: Sequence[np.ndarray], k: i
     asked = {s: np.nonzero(valid & (owner == s)) for s in range(len(shards.bounds) - 1)}
     asked = {s: (rows, cols) for s, (rows, cols) in asked.items() if rows.size}
     thresholds = np.full((num, width), np.inf, np.float32)  # padding: nothing scores above or ties
+    exact = np.full((num, width), np.inf, np.float64)
+    rel_norms = np.zeros((num, width), np.float64)
     rel_groups = np.full((num, width), -1, np.int64)
     answers = shards.call("relevant_scores", {s: (q, rows, rel_ids[rows, cols]) for s, (rows, cols) in asked.items()})
-    for s, (scores, groups) in answers.items():
-        thresholds[asked[s]], rel_groups[asked[s]] = scores, groups
+    for s, (scores, groups, exact_scores, norms) in answers.items():
+        thresholds[asked[s]], rel_groups[asked[s]], exact[asked[s]], rel_norms[asked[s]] = scores, groups, exact_scores, norms
     # Round 2: every shard's top-k and counts against those scores.
-    args = (q, thresholds, rel_ids, rel_groups, k)
+    args = (q, thresholds, rel_ids, rel_groups, exact, rel_norms, k)
     parts = shards.call("search_and_count", {s: args for s in range(len(shards.bounds) - 1)})
     # The shards counted non-relevant candidates only; the relevant ones are ordered here, by their
-    # round-1 scores (one value each), so their ranks are distinct whatever the GEMM rounding.
+    # exact scores (one value each), so their ranks are distinct whatever the GEMM rounding.
     total = {name: sum(p[name] for p in parts.values()) for name in COUNTS}
-    t_other, t_self = thresholds[:, None, :], thresholds[:, :, None]  # [B, R(d), R(e)]: e against d
+    t_other, t_self = exact[:, None, :], exact[:, :, None]  # [B, R(d), R(e)]: e against d
     other = valid[:, None, :] & ~np.eye(width, dtype=bool)[None]
     ahead = (t_other > t_self) | ((t_other == t_self) & (rel_ids[:, None, :] < rel_ids[:, :, None]))
     ranks = total["above"] + total["tied"] + 1 + (ahead & other).sum(2)  # + 1: the candidate itself

@@ -10,10 +10,13 @@ A shard leaves the query's own relevant candidates out of its counts: the driver
 among themselves from their round-1 scores (and adds each one's 1), so a score recomputed one ulp
 apart in another GEMM shape can never make two relevant candidates share a rank.
 
-Scores are float32 BLAS products `queries @ vectors.T` over column chunks, the arithmetic of the
-single-process path. (OpenBLAS rounds some products one ulp differently for other matrix shapes,
-so against a path that blocks the work differently a rank can move by one where two scores lie
-within an ulp; exactly representable scores, ties included, give identical ranks.)
+Scores are float32 BLAS products `queries @ vectors.T` over column chunks. A rank must not depend
+on how the work is blocked (BLAS rounds a product differently for other matrix shapes, and shard
+counts, chunk sizes and devices change the shapes), so a comparison is decided by the float32
+scores only where they cannot be wrong: a candidate whose float32 score lies within the float32
+dot-product error bound of a relevant candidate's is compared again by float64 scores summed in
+one fixed order (`exact_scores`), which are the same in every shard, block and device. Such
+near-ties are a few per query.
 The vectors live once, in the FAISS IndexFlatIP. On CPU the top-k comes from the count pass's
 own score chunks; with a GPU (faiss-gpu) the GPU index searches and the counts run in torch on
 the same device (TF32 off).
@@ -40,6 +43,27 @@ def read_embedding_file(uri: str) -> np.ndarray:
     """The float32 embeddings of one encoder shard file (`raysys.eval.encode`'s .npz)."""
     with np.load(io.BytesIO(storage.read_bytes(uri))) as z:
         return np.ascontiguousarray(z["embedding"], dtype=np.float32)
+
+
+def exact_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """Inner products of row pairs (queries[i], vectors[i]) in float64, summed coordinate by
+    coordinate in one fixed order. Every product of two float32 values is exact in float64 and
+    the order of the additions never depends on how many pairs are scored together, on shard or
+    chunk shapes, or on the device: a pair always gets the same score, within d 2^-53 |q| |v|
+    of its exact inner product (a float32 GEMM's error is 2^29 times larger)."""
+    q = np.ascontiguousarray(np.asarray(queries, np.float64).T)  # [d, n]: one coordinate per row
+    v = np.ascontiguousarray(np.asarray(vectors, np.float64).T)
+    total = np.zeros(q.shape[1], np.float64)
+    for coordinate in range(q.shape[0]):
+        total += q[coordinate] * v[coordinate]
+    return total
+
+
+def float32_error_bound(dim: int) -> float:
+    """gamma_d = d u / (1 - d u), u = 2^-24: |float32 dot(q, v) - exact| <= gamma_d |q| |v| for any
+    summation order (Higham, Accuracy and Stability of Numerical Algorithms, 3.1)."""
+    unit = 2.0 ** -24
+    return dim * unit / (1 - dim * unit)
 
 
 class IndexShard:
@@ -78,6 +102,9 @@ class IndexShard:
         self.groups = groups
         self.on_gpu = bool(use_gpu)
         self.index = self._to_gpu(index) if self.on_gpu else index
+        # The largest vector norm per column chunk: the error bound of its float32 scores.
+        norms = np.linalg.norm(self.vectors, axis=1).astype(np.float64)
+        self.chunk_norms = [float(norms[c0:c0 + self.count_chunk].max()) for c0 in range(0, self.n, self.count_chunk)]
         # Per column chunk, each group's columns (a slice when contiguous, as sorted pools are).
         self.chunks = []
         for c0 in range(0, self.n, self.count_chunk):
@@ -100,67 +127,80 @@ class IndexShard:
 
     # -- the two questions ------------------------------------------------------------------
 
-    def relevant_scores(self, queries: np.ndarray, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Scores of (queries[rows[i]], candidate ids[i]) for ids in this shard, and their groups."""
+    def relevant_scores(self, queries: np.ndarray, rows: np.ndarray,
+                        ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For (queries[rows[i]], candidate ids[i]) with ids in this shard: float32 scores, groups,
+        exact scores (`exact_scores`) and the candidates' norms (for the float32 error bound)."""
         rows, local = np.asarray(rows, np.int64), np.asarray(ids, np.int64) - self.first_id
         if rows.size == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64)
+            return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.float64)
         if local.min() < 0 or local.max() >= self.n:
             raise ValueError(f"relevant id outside shard [{self.first_id}, {self.first_id + self.n})")
         q = np.ascontiguousarray(queries, dtype=np.float32)
         u_rows, r_inv = np.unique(rows, return_inverse=True)
         u_cols, c_inv = np.unique(local, return_inverse=True)
-        # The same float32 product as the counts use (a small GEMM), never a separate dot product.
         block = self._numpy(self._scores(q[u_rows], u_cols))
-        return block[r_inv, c_inv].astype(np.float32), self.groups[local]
+        vectors = self._rows(local)
+        return (block[r_inv, c_inv].astype(np.float32), self.groups[local], exact_scores(q[rows], vectors),
+                np.linalg.norm(vectors.astype(np.float64), axis=1))
 
     def search_and_count(self, queries: np.ndarray, thresholds: np.ndarray, rel_ids: np.ndarray,
-                         rel_groups: np.ndarray, k: int) -> dict[str, np.ndarray]:
-        """queries [B, d]; thresholds / rel_ids / rel_groups [B, R] (the relevant candidates' scores,
-        global ids and groups; padding: id -1, threshold +inf). Returns top-k 'scores'/'ids'
-        [B, k'] (k' = min(k, shard size, GPU cap); k = 0: none) and int64 [B, R] counts
-        'above', 'tied' (all candidates here) and 'above_group', 'tied_group'."""
+                         rel_groups: np.ndarray, exact_thresholds: np.ndarray, rel_norms: np.ndarray,
+                         k: int) -> dict[str, np.ndarray]:
+        """queries [B, d]; thresholds / rel_ids / rel_groups / exact_thresholds / rel_norms [B, R]
+        (the relevant candidates' float32 and exact scores, global ids, groups and norms; padding:
+        id -1, thresholds +inf). Returns top-k 'scores'/'ids' [B, k'] (k' = min(k, shard size, GPU
+        cap); k = 0: none) and int64 [B, R] counts 'above', 'tied' (all candidates here) and
+        'above_group', 'tied_group', of candidates that are not relevant to the query."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
         t = np.asarray(thresholds, np.float32)
+        exact_t = np.asarray(exact_thresholds, np.float64)
         rel_ids, rel_groups = np.asarray(rel_ids, np.int64), np.asarray(rel_groups, np.int64)
         if q.ndim != 2 or q.shape[1] != self.dim or t.shape != rel_ids.shape or t.shape[0] != q.shape[0]:
             raise ValueError(f"queries must be [B, {self.dim}] and thresholds/ids [B, R], got {q.shape}, {t.shape}")
         out = {name: np.zeros(t.shape, np.int64) for name in ("above", "tied", "above_group", "tied_group")}
         local = rel_ids - self.first_id
+        q_norms = np.linalg.norm(q.astype(np.float64), axis=1)[:, None]
+        gamma = float32_error_bound(self.dim)
         # On CPU the top-k comes from the same score chunks as the counts (a FAISS search would
         # compute every product a second time: ~45 % of a block's time, bench_eval_shards.py);
         # on a GPU the FAISS GPU index searches.
         top = None if self.on_gpu else (np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64))
-        for c0, c1, by_group in self.chunks:
+        for (c0, c1, by_group), chunk_norm in zip(self.chunks, self.chunk_norms):
             scores = self._scores(q, slice(c0, c1))  # [B, c1 - c0]
             if top is not None and k > 0:
                 top = merge_sorted(top, chunk_top_k(scores, k, self.first_id + c0), k)
-            tt = self._like(t, scores)
+            # The query's relevant candidates held here are not counted (the driver orders them
+            # among themselves by their exact scores): -inf is above no threshold and ties none.
+            own_rows, own_rel = np.nonzero((local >= c0) & (local < c1))
+            if own_rows.size:
+                scores[self._like(own_rows, scores), self._like(local[own_rows, own_rel] - c0, scores)] = -np.inf
+            # Both float32 scores are within gamma |q| |v| of their exact values: outside the sum
+            # of the two bounds (doubled, for margin) the float32 comparison is the exact one.
+            margin = 2 * gamma * q_norms * (chunk_norm + np.asarray(rel_norms, np.float64))  # [B, R]
+            low = self._like((t - margin).astype(np.float32), scores)
+            high = self._like((t + margin).astype(np.float32), scores)
+            near_rows, near_cols, near_r = [], [], []
             for r in range(t.shape[1]):
-                col = tt[:, r:r + 1]
-                out["above"][:, r] += self._numpy((scores > col).sum(1))
-                out["tied"][:, r] += self._numpy((scores == col).sum(1))
+                surely_above = scores > high[:, r:r + 1]
+                near = (scores >= low[:, r:r + 1]) & ~surely_above
+                out["above"][:, r] += self._numpy(surely_above.sum(1))
                 for code, cols in by_group.items():
                     rows = np.flatnonzero(rel_groups[:, r] == code)
                     if rows.size:
-                        sub, sub_t = scores[self._like(rows, scores)][:, cols], col[self._like(rows, scores)]
-                        out["above_group"][rows, r] += self._numpy((sub > sub_t).sum(1))
-                        out["tied_group"][rows, r] += self._numpy((sub == sub_t).sum(1))
-            # The query's relevant candidates held here are not counted at all (itself included):
-            # the driver orders them among themselves from the round-1 scores alone, so a product
-            # rounded one ulp differently in this chunk's GEMM can never disagree with that order.
-            for e in range(t.shape[1]):
-                rows = np.flatnonzero((local[:, e] >= c0) & (local[:, e] < c1))
-                if not rows.size:
-                    continue
-                own = self._numpy(scores[self._like(rows, scores), self._like(local[rows, e] - c0, scores)])
-                above = (own[:, None] > t[rows]).astype(np.int64)  # [n, R]: against every threshold
-                tied = (own[:, None] == t[rows]).astype(np.int64)
-                same_group = (self.groups[local[rows, e]][:, None] == rel_groups[rows]).astype(np.int64)
-                out["above"][rows] -= above
-                out["tied"][rows] -= tied
-                out["above_group"][rows] -= above * same_group
-                out["tied_group"][rows] -= tied * same_group
+                        out["above_group"][rows, r] += self._numpy(surely_above[self._like(rows, scores)][:, cols].sum(1))
+                rows, cols = self._nonzero(near)
+                near_rows.append(rows)
+                near_cols.append(cols)
+                near_r.append(np.full(rows.size, r))
+            rows, cols, rel = np.concatenate(near_rows), np.concatenate(near_cols), np.concatenate(near_r)
+            if rows.size:  # a few per query: decided by reproducible float64 scores
+                exact = exact_scores(q[rows], self._rows(c0 + cols))
+                above, tied = exact > exact_t[rows, rel], exact == exact_t[rows, rel]
+                same = self.groups[c0 + cols] == rel_groups[rows, rel]
+                for name, hits in (("above", above), ("tied", tied), ("above_group", above & same),
+                                   ("tied_group", tied & same)):
+                    np.add.at(out[name], (rows, rel), hits.astype(np.int64))
         out["scores"], out["ids"] = self.search(q, k) if top is None else top
         return out
 
@@ -192,6 +232,10 @@ class IndexShard:
 
         return torch.from_numpy(q).to(self.vectors.device) @ self.vectors[self._like(cols, self.vectors)].T
 
+    def _rows(self, local: np.ndarray) -> np.ndarray:
+        """Vectors of local rows, as a float32 numpy array (copied from the device on a GPU)."""
+        return self._numpy(self.vectors[self._like(np.asarray(local, np.int64), self.vectors)])
+
     def _like(self, array, ref):
         """`array` (numpy or slice) as an operand next to `ref` (a numpy array or a CUDA tensor)."""
         if isinstance(ref, np.ndarray) or isinstance(array, slice):
@@ -199,6 +243,14 @@ class IndexShard:
         import torch
 
         return torch.as_tensor(array, device=ref.device)
+
+    @staticmethod
+    def _nonzero(mask) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, columns) of a 2-D numpy or torch mask's true entries, as numpy arrays."""
+        if isinstance(mask, np.ndarray):
+            return np.nonzero(mask)
+        rows, cols = mask.nonzero(as_tuple=True)
+        return rows.cpu().numpy(), cols.cpu().numpy()
 
     @staticmethod
     def _numpy(x) -> np.ndarray:

@@ -13,7 +13,7 @@ from raysys.eval import encode
 from raysys.eval.lareqa import KS, evaluate_lareqa, evaluate_lareqa_stored, summarise
 from raysys.eval.metrics import per_query_rank_metrics, relevant_ranks
 from raysys.eval.ranking import LocalShards, merge_top_k, parts_for_range, rank_block
-from raysys.eval.shards import IndexShard
+from raysys.eval.shards import IndexShard, exact_scores
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
 
 LANGS = ("ar", "de", "en", "es")
@@ -30,8 +30,10 @@ def reference_ranks(scores: np.ndarray, rel: np.ndarray, c_langs: np.ndarray):
 
 
 def brute_force(corpus, q: np.ndarray, c: np.ndarray, top_k: int) -> dict:
-    """The LAReQA result from the full score matrix, one query at a time."""
-    scores = q.astype(np.float32) @ c.astype(np.float32).T
+    """The LAReQA result from the full score matrix, one query at a time: ranks from the
+    reproducible float64 scores (what shards decide near-ties by), the top-k from float32 ones."""
+    float32_scores = q.astype(np.float32) @ c.astype(np.float32).T
+    scores = np.stack([exact_scores(np.broadcast_to(row, c.shape), c) for row in q])
     q_langs = np.array(corpus.questions.column("lang").to_pylist())
     q_ids = np.array(corpus.questions.column("id").to_pylist())
     c_langs = np.array(corpus.candidates.column("lang").to_pylist())
@@ -55,7 +57,7 @@ def brute_force(corpus, q: np.ndarray, c: np.ndarray, top_k: int) -> dict:
                         "recall@10": float(v["recall@10"].mean()),
                         "rank_distance": float(v["rank_distance"].mean()), "num_queries": len(rows)}
     k = min(top_k, len(c))
-    order = np.lexsort((np.broadcast_to(np.arange(len(c)), scores.shape), -scores), axis=-1)[:, :k]
+    order = np.lexsort((np.broadcast_to(np.arange(len(c)), scores.shape), -float32_scores), axis=-1)[:, :k]
     return {"summary": summarise(pairs, multi_out), "pairs": pairs, "multilingual_per_language": multi_out,
             "top_ids": order, "multi_ranks": multi}
 
@@ -226,3 +228,74 @@ def test_relevant_candidates_never_share_a_rank_when_a_product_rounds_differentl
         got = rank_block(shards, query, [np.array([1, 2])], k=5)
         assert got.ranks[0].tolist() == [3, 4], bounds
         assert got.group_ranks[0].tolist() == [4, 4], bounds  # one group: every score >= 0.5 counts
+
+
+class RoundsColumnsApart(IndexShard):
+    """Test fixture: the count pass's chunk GEMM rounds the products of the given candidates
+    (global rows) one ulp up or down, as another GEMM shape may; round 1 is left exact."""
+    nudges: dict[int, float] = {}
+
+    def _scores(self, q, cols):
+        scores = super()._scores(q, cols)
+        if isinstance(cols, slice):
+            for row, direction in self.nudges.items():
+                if cols.start <= row - self.first_id < cols.stop:
+                    col = row - self.first_id - cols.start
+                    scores[:, col] = np.nextafter(scores[:, col], direction)
+        return scores
+
+
+def shards_of(shard_class, candidates: np.ndarray, bounds: list[int], groups=None, count_chunk: int = 32768):
+    shards = LocalShards.__new__(LocalShards)
+    shards.bounds = np.array(bounds)
+    shards.shards = [shard_class(lo, vectors=candidates[lo:hi], count_chunk=count_chunk,
+                                 groups=None if groups is None else groups[lo:hi])
+                     for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return shards
+
+
+@pytest.mark.parametrize("direction", [-np.inf, np.inf])
+def test_a_non_relevant_tie_keeps_its_rank_when_its_product_rounds_one_ulp_apart(direction):
+    """Non-relevant 2 has relevant 1's vector: an exact tie, which ranks it first (rank of 1 = 3).
+    A count pass that rounds 2's product one ulp lower would rank it below, one ulp higher above:
+    the exact comparison keeps the tie either way, on one shard and across two."""
+    candidates = np.array([[1.0, 0.0], [0.3, 0.1], [0.3, 0.1], [0.2, 0.0]], np.float32)
+    query = np.array([[0.7, 0.3]], np.float32)
+    RoundsColumnsApart.nudges = {2: direction}
+    for bounds in ([0, 4], [0, 2, 4], [0, 1, 2, 4]):
+        got = rank_block(shards_of(RoundsColumnsApart, candidates, bounds), query, [np.array([1])], k=4)
+        assert got.ranks[0].tolist() == [3], (bounds, direction)
+        assert got.group_ranks[0].tolist() == [3], (bounds, direction)
+
+
+def test_ranks_are_the_same_for_every_sharding_and_chunking():
+    """Random float32 embeddings (products round), many near-ties (candidates that are a relevant
+    one plus a tiny perturbation, and exact copies): every sharding and column chunking gives
+    the ranks of the reproducible float64 scores (shards.exact_scores on the full matrix)."""
+    rng = np.random.default_rng(11)
+    c = rng.standard_normal((90, 48)).astype(np.float32)
+    c[60:75] = c[0:15] + (rng.standard_normal((15, 48)) * 1e-7).astype(np.float32)  # within an ulp or so
+    c[75:90] = c[15:30]  # exact copies: ties in every arithmetic
+    q = rng.standard_normal((25, 48)).astype(np.float32)
+    relevant = [rng.choice(30, size=int(rng.integers(1, 4)), replace=False) for _ in range(25)]
+    groups = rng.integers(0, 3, size=90)
+    exact = exact_scores(np.repeat(q, 90, axis=0), np.tile(c, (25, 1))).reshape(25, 90)
+    expected = relevant_ranks(exact, relevant)
+    for bounds, chunk in (([0, 90], 32768), ([0, 45, 90], 7), ([0, 1, 61, 90], 13), ([0, 30, 31, 75, 90], 4)):
+        got = rank_block(shards_of(IndexShard, c, bounds, groups, count_chunk=chunk), q, relevant, k=10)
+        for i, rel in enumerate(relevant):
+            np.testing.assert_array_equal(got.ranks[i], expected[i], err_msg=str((bounds, chunk, i)))
+            group_expected = [int((exact[i][groups == groups[d]] >= exact[i, d]).sum()) for d in rel]
+            assert got.group_ranks[i].tolist() == group_expected, (bounds, chunk, i)
+
+
+def test_exact_scores_depend_on_the_vectors_only():
+    rng = np.random.default_rng(5)
+    q, v = rng.standard_normal((50, 384)).astype(np.float32), rng.standard_normal((50, 384)).astype(np.float32)
+    alone = np.array([exact_scores(q[i:i + 1], v[i:i + 1])[0] for i in range(50)])
+    assert np.array_equal(exact_scores(q, v), alone)
+    assert np.array_equal(exact_scores(q[::-1], v[::-1])[::-1], alone)
+    import math
+
+    exact = np.array([math.fsum((a.astype(np.float64) * b).tolist()) for a, b in zip(q, v)])
+    assert np.abs(alone - exact).max() <= 384 * 2.0 ** -53 * np.linalg.norm(q, axis=1).max() * np.linalg.norm(v, axis=1).max()
