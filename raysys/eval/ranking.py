@@ -174,15 +174,14 @@ def rank_block(shards, queries: np.ndarray, relevant: Sequence[np.ndarray], k: i
     # Round 1: each relevant candidate's score and group, from the shard that holds it.
     asked = {s: np.nonzero(valid & (owner == s)) for s in range(len(shards.bounds) - 1)}
     asked = {s: (rows, cols) for s, (rows, cols) in asked.items() if rows.size}
-    thresholds = np.full((num, width), np.inf, np.float32)  # padding: nothing scores above or ties
-    exact = np.full((num, width), np.inf, np.float64)
+    exact = np.full((num, width), np.inf, np.float64)  # padding: nothing scores above or ties
     rel_norms = np.zeros((num, width), np.float64)
     rel_groups = np.full((num, width), -1, np.int64)
     answers = shards.call("relevant_scores", {s: (q, rows, rel_ids[rows, cols]) for s, (rows, cols) in asked.items()})
-    for s, (scores, groups, exact_scores, norms) in answers.items():
-        thresholds[asked[s]], rel_groups[asked[s]], exact[asked[s]], rel_norms[asked[s]] = scores, groups, exact_scores, norms
+    for s, (scores, groups, norms) in answers.items():
+        exact[asked[s]], rel_groups[asked[s]], rel_norms[asked[s]] = scores, groups, norms
     # Round 2: every shard's top-k and counts against those scores.
-    args = (q, thresholds, rel_ids, rel_groups, exact, rel_norms, k)
+    args = (q, exact, rel_ids, rel_groups, rel_norms, k)
     parts = shards.call("search_and_count", {s: args for s in range(len(shards.bounds) - 1)})
     # The shards counted non-relevant candidates only; the relevant ones are ordered here, by their
     # exact scores (one value each), so their ranks are distinct whatever the GEMM rounding.

@@ -10,13 +10,13 @@ A shard leaves the query's own relevant candidates out of its counts: the driver
 among themselves from their round-1 scores (and adds each one's 1), so a score recomputed one ulp
 apart in another GEMM shape can never make two relevant candidates share a rank.
 
-Scores are float32 BLAS products `queries @ vectors.T` over column chunks. A rank must not depend
-on how the work is blocked (BLAS rounds a product differently for other matrix shapes, and shard
-counts, chunk sizes and devices change the shapes), so a comparison is decided by the float32
-scores only where they cannot be wrong: a candidate whose float32 score lies within the float32
-dot-product error bound of a relevant candidate's is compared again by float64 scores summed in
-one fixed order (`exact_scores`), which are the same in every shard, block and device. Such
-near-ties are a few per query.
+A rank must not depend on how the work is blocked (BLAS rounds a product differently for other
+matrix shapes, and shard counts, chunk sizes and devices change the shapes), so every comparison
+is the one between float64 scores summed in one fixed order (`exact_scores`), which are the same
+in every shard, block and device. The count pass gets there cheaply: it scores column chunks with
+a float64 GEMM (`queries @ vectors.T`, float32 inputs), whose error bound is ~1e-13 at d = 768,
+so only a candidate within that bound of a relevant one (an exact or near duplicate, a few per
+query at most) is scored again in the fixed order.
 The vectors live once, in the FAISS IndexFlatIP. On CPU the top-k comes from the count pass's
 own score chunks; with a GPU (faiss-gpu) the GPU index searches and the counts run in torch on
 the same device (TF32 off).
@@ -36,7 +36,7 @@ except ImportError:  # faiss-cpu and faiss-gpu are extras (see raysys.eval.index
     raise ImportError("FAISS is not installed: `pip install raysys[cpu]` or `pip install raysys[gpu]`") from None
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
-COUNT_CHUNK = 32768  # candidate columns scored at once: block x chunk float32 stays ~64 MB
+COUNT_CHUNK = 16384  # candidate columns scored at once: a 512-query block x chunk float64 is 64 MB
 
 
 def read_embedding_file(uri: str) -> np.ndarray:
@@ -59,10 +59,10 @@ def exact_scores(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return total
 
 
-def float32_error_bound(dim: int) -> float:
-    """gamma_d = d u / (1 - d u), u = 2^-24: |float32 dot(q, v) - exact| <= gamma_d |q| |v| for any
+def float64_error_bound(dim: int) -> float:
+    """gamma_d = d u / (1 - d u), u = 2^-53: |float64 dot(q, v) - exact| <= gamma_d |q| |v| for any
     summation order (Higham, Accuracy and Stability of Numerical Algorithms, 3.1)."""
-    unit = 2.0 ** -24
+    unit = 2.0 ** -53
     return dim * unit / (1 - dim * unit)
 
 
@@ -102,7 +102,7 @@ class IndexShard:
         self.groups = groups
         self.on_gpu = bool(use_gpu)
         self.index = self._to_gpu(index) if self.on_gpu else index
-        # The largest vector norm per column chunk: the error bound of its float32 scores.
+        # The largest vector norm per column chunk: the error bound of its float64 GEMM scores.
         norms = np.linalg.norm(self.vectors, axis=1).astype(np.float64)
         self.chunk_norms = [float(norms[c0:c0 + self.count_chunk].max()) for c0 in range(0, self.n, self.count_chunk)]
         # Per column chunk, each group's columns (a slice when contiguous, as sorted pools are).
@@ -128,75 +128,67 @@ class IndexShard:
     # -- the two questions ------------------------------------------------------------------
 
     def relevant_scores(self, queries: np.ndarray, rows: np.ndarray,
-                        ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """For (queries[rows[i]], candidate ids[i]) with ids in this shard: float32 scores, groups,
-        exact scores (`exact_scores`) and the candidates' norms (for the float32 error bound)."""
+                        ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For (queries[rows[i]], candidate ids[i]) with ids in this shard: their scores
+        (`exact_scores`, float64), groups and the candidates' norms (for the GEMM error bound)."""
         rows, local = np.asarray(rows, np.int64), np.asarray(ids, np.int64) - self.first_id
         if rows.size == 0:
-            return np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.float64)
+            return np.zeros(0, np.float64), np.zeros(0, np.int64), np.zeros(0, np.float64)
         if local.min() < 0 or local.max() >= self.n:
             raise ValueError(f"relevant id outside shard [{self.first_id}, {self.first_id + self.n})")
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        u_rows, r_inv = np.unique(rows, return_inverse=True)
-        u_cols, c_inv = np.unique(local, return_inverse=True)
-        block = self._numpy(self._scores(q[u_rows], u_cols))
         vectors = self._rows(local)
-        return (block[r_inv, c_inv].astype(np.float32), self.groups[local], exact_scores(q[rows], vectors),
-                np.linalg.norm(vectors.astype(np.float64), axis=1))
+        return exact_scores(q[rows], vectors), self.groups[local], np.linalg.norm(vectors.astype(np.float64), axis=1)
 
     def search_and_count(self, queries: np.ndarray, thresholds: np.ndarray, rel_ids: np.ndarray,
-                         rel_groups: np.ndarray, exact_thresholds: np.ndarray, rel_norms: np.ndarray,
-                         k: int) -> dict[str, np.ndarray]:
-        """queries [B, d]; thresholds / rel_ids / rel_groups / exact_thresholds / rel_norms [B, R]
-        (the relevant candidates' float32 and exact scores, global ids, groups and norms; padding:
-        id -1, thresholds +inf). Returns top-k 'scores'/'ids' [B, k'] (k' = min(k, shard size, GPU
-        cap); k = 0: none) and int64 [B, R] counts 'above', 'tied' (all candidates here) and
-        'above_group', 'tied_group', of candidates that are not relevant to the query."""
+                         rel_groups: np.ndarray, rel_norms: np.ndarray, k: int) -> dict[str, np.ndarray]:
+        """queries [B, d]; thresholds / rel_ids / rel_groups / rel_norms [B, R] (the relevant
+        candidates' `relevant_scores`, global ids, groups and norms; padding: id -1, threshold
+        +inf). Returns top-k 'scores'/'ids' [B, k'] (k' = min(k, shard size, GPU cap); k = 0:
+        none) and int64 [B, R] counts 'above', 'tied' (all candidates here) and 'above_group',
+        'tied_group', of the candidates that are not relevant to the query."""
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        t = np.asarray(thresholds, np.float32)
-        exact_t = np.asarray(exact_thresholds, np.float64)
+        t = np.asarray(thresholds, np.float64)
         rel_ids, rel_groups = np.asarray(rel_ids, np.int64), np.asarray(rel_groups, np.int64)
         if q.ndim != 2 or q.shape[1] != self.dim or t.shape != rel_ids.shape or t.shape[0] != q.shape[0]:
             raise ValueError(f"queries must be [B, {self.dim}] and thresholds/ids [B, R], got {q.shape}, {t.shape}")
         out = {name: np.zeros(t.shape, np.int64) for name in ("above", "tied", "above_group", "tied_group")}
         local = rel_ids - self.first_id
         q_norms = np.linalg.norm(q.astype(np.float64), axis=1)[:, None]
-        gamma = float32_error_bound(self.dim)
+        gamma = float64_error_bound(self.dim)
         # On CPU the top-k comes from the same score chunks as the counts (a FAISS search would
         # compute every product a second time: ~45 % of a block's time, bench_eval_shards.py);
         # on a GPU the FAISS GPU index searches.
         top = None if self.on_gpu else (np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64))
         for (c0, c1, by_group), chunk_norm in zip(self.chunks, self.chunk_norms):
-            scores = self._scores(q, slice(c0, c1))  # [B, c1 - c0]
-            if top is not None and k > 0:
-                top = merge_sorted(top, chunk_top_k(scores, k, self.first_id + c0), k)
+            scores = self._scores(q, slice(c0, c1))  # [B, c1 - c0], float64
+            if top is not None and k > 0:  # float32 scores, as FAISS reports them (and ties stay ties)
+                top = merge_sorted(top, chunk_top_k(scores.astype(np.float32), k, self.first_id + c0), k)
             # The query's relevant candidates held here are not counted (the driver orders them
             # among themselves by their exact scores): -inf is above no threshold and ties none.
             own_rows, own_rel = np.nonzero((local >= c0) & (local < c1))
             if own_rows.size:
                 scores[self._like(own_rows, scores), self._like(local[own_rows, own_rel] - c0, scores)] = -np.inf
-            # Both float32 scores are within gamma |q| |v| of their exact values: outside the sum
-            # of the two bounds (doubled, for margin) the float32 comparison is the exact one.
+            # A GEMM score and an exact score are both within gamma |q| |v| of the true product:
+            # outside twice the sum of the bounds the GEMM comparison is the exact one.
             margin = 2 * gamma * q_norms * (chunk_norm + np.asarray(rel_norms, np.float64))  # [B, R]
-            low = self._like((t - margin).astype(np.float32), scores)
-            high = self._like((t + margin).astype(np.float32), scores)
+            low, high = self._like(t - margin, scores), self._like(t + margin, scores)
             near_rows, near_cols, near_r = [], [], []
             for r in range(t.shape[1]):
                 surely_above = scores > high[:, r:r + 1]
-                near = (scores >= low[:, r:r + 1]) & ~surely_above
                 out["above"][:, r] += self._numpy(surely_above.sum(1))
                 for code, cols in by_group.items():
                     rows = np.flatnonzero(rel_groups[:, r] == code)
                     if rows.size:
                         out["above_group"][rows, r] += self._numpy(surely_above[self._like(rows, scores)][:, cols].sum(1))
-                rows, cols = self._nonzero(near)
+                rows, cols = self._nonzero((scores >= low[:, r:r + 1]) & ~surely_above)
                 near_rows.append(rows)
                 near_cols.append(cols)
                 near_r.append(np.full(rows.size, r))
             rows, cols, rel = np.concatenate(near_rows), np.concatenate(near_cols), np.concatenate(near_r)
-            if rows.size:  # a few per query: decided by reproducible float64 scores
+            if rows.size:  # duplicates and near-duplicates: decided by the fixed-order scores
                 exact = exact_scores(q[rows], self._rows(c0 + cols))
-                above, tied = exact > exact_t[rows, rel], exact == exact_t[rows, rel]
+                above, tied = exact > t[rows, rel], exact == t[rows, rel]
                 same = self.groups[c0 + cols] == rel_groups[rows, rel]
                 for name, hits in (("above", above), ("tied", tied), ("above_group", above & same),
                                    ("tied_group", tied & same)):
@@ -226,11 +218,13 @@ class IndexShard:
     # -- CPU (numpy) / GPU (torch) arithmetic ---------------------------------------------------
 
     def _scores(self, q: np.ndarray, cols):
+        """float64 scores of the queries against columns `cols` (float32 inputs, exact in float64)."""
         if not self.on_gpu:
-            return q @ self.vectors[cols].T
+            return q.astype(np.float64) @ self.vectors[cols].astype(np.float64).T
         import torch
 
-        return torch.from_numpy(q).to(self.vectors.device) @ self.vectors[self._like(cols, self.vectors)].T
+        q64 = torch.from_numpy(q).to(self.vectors.device, torch.float64)
+        return q64 @ self.vectors[self._like(cols, self.vectors)].double().T
 
     def _rows(self, local: np.ndarray) -> np.ndarray:
         """Vectors of local rows, as a float32 numpy array (copied from the device on a GPU)."""
