@@ -156,7 +156,8 @@ def _load_model(drop=(), extra_tokens: int = 0, missing: bool = False, name: str
 
 def _miracl(topics: str, qrels: str, corpus: list):
     def trigger(tmp, _):
-        from raysys.eval.miracl import check_qrels_against_corpus, read_corpus, read_qrels, read_topics
+        from raysys.eval.corpus_stream import corpus_slices, read_corpus_slice
+        from raysys.eval.miracl import check_qrels_against_corpus, read_qrels, read_topics
 
         root = tmp / "miracl" / "en"
         root.mkdir(parents=True)
@@ -165,7 +166,9 @@ def _miracl(topics: str, qrels: str, corpus: list):
         jsonl(root / "corpus.jsonl", corpus)
         read_topics(root / "topics.tsv")
         judged = read_qrels(root / "qrels.tsv")
-        check_qrels_against_corpus(judged, set(read_corpus(root / "corpus.jsonl")), root / "qrels.tsv")
+        corpus = str(root / "corpus.jsonl")  # read as the encoder actors read it, in byte ranges
+        docids = {d for start, end in corpus_slices(corpus, 16) for d in read_corpus_slice(corpus, start, end)[0]}
+        check_qrels_against_corpus(judged, docids, root / "qrels.tsv")
     return trigger
 
 

@@ -78,6 +78,22 @@ def encode_cached(sets: dict[str, tuple[list[str], str]], model_path: str, confi
                        threads=encoder_threads(e), progress=progress)
 
 
+def encode_corpus_cached(source: str, model_path: str, config: Config, work_dir: str | os.PathLike, label: str,
+                         data_key: list[str], progress: bool = True, display: str | None = None) -> list[tuple[str, int]]:
+    """`raysys.eval.corpus_stream.encode_corpus` (a JSONL corpus read by the encoder actors, not
+    the driver) with the evaluation's settings, into the embeddings directory `<label>-<key>`."""
+    from raysys.eval.corpus_stream import encode_corpus
+
+    settings = encoder_settings(config)
+    key = embeddings_key(model_path, settings, config, *data_key)
+    ensure_ray()
+    e = config.eval
+    return encode_corpus(source, name="corpus", model_path=model_path, settings=settings,
+                         out_dir=embeddings_dir(work_dir, f"{label}-{key}", config), batch_tokens=e.batch_tokens,
+                         fast_path=e.fast_path, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
+                         threads=encoder_threads(e), progress=progress, display=display)
+
+
 def shard_plan(config: Config, candidates: int) -> dict:
     """How the candidate pool is sharded: num_shards, one GPU per shard or CPUs per shard, and
     whether a small pool on one node is scored in this process (no actor start-up)."""

@@ -1,4 +1,5 @@
-"""MIRACL-style data (topics TSV, TREC qrels, JSONL passages) and run scoring.
+"""MIRACL-style data (topics TSV, TREC qrels) and run scoring; the JSONL passages are read by the
+encoder actors (`raysys.eval.corpus_stream`).
 
 Errors are `DataError`s naming the file, the 1-based line number (as `row`) and the field.
 Files ending in `.gz` are read through gzip (MIRACL ships its corpus as jsonl.gz shards).
@@ -7,7 +8,6 @@ Files ending in `.gz` are read through gzip (MIRACL ships its corpus as jsonl.gz
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -98,42 +98,6 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
         judged[docid] = rel
     _require_entries(qrels, path, "judgements")
     return qrels
-
-
-def read_corpus(path: str | Path) -> dict[str, str]:
-    """JSONL with string fields docid, title, text -> {docid: passage}.
-
-    passage = title + " " + text when the title is non-empty (after strip), else text: the
-    title carries the entity a Wikipedia passage is about, as in the MIRACL/E5 baselines."""
-    corpus: dict[str, str] = {}
-    for line_no, line in _lines(path):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"malformed JSON at column {e.colno}: {e.msg}", file=str(path), row=line_no,
-                            field="json", hint="each line must be one complete JSON object") from None
-        if not isinstance(record, dict):
-            raise DataError(f"expected a JSON object, got {type(record).__name__}", file=str(path),
-                            row=line_no, field="json", hint="each line is an object with docid, title, text")
-        for field in ("docid", "title", "text"):
-            if field not in record:
-                raise DataError("missing field", file=str(path), row=line_no, field=field,
-                                hint="every line needs docid, title and text (title may be \"\")")
-            if not isinstance(record[field], str):
-                raise DataError(f"expected a string, got {type(record[field]).__name__}", file=str(path),
-                                row=line_no, field=field, hint="give it as a JSON string")
-        docid, title, text = record["docid"], record["title"].strip(), record["text"]
-        if not docid:
-            raise DataError("empty document id", file=str(path), row=line_no, field="docid",
-                            hint="give every passage a unique docid")
-        if docid in corpus:
-            raise DataError(f"duplicate document id {docid!r}", file=str(path), row=line_no, field="docid",
-                            hint="document ids must be unique; drop or rename the repeat")
-        corpus[docid] = f"{title} {text}" if title else text
-    _require_entries(corpus, path, "documents")
-    return corpus
 
 
 def check_qrels_against_corpus(qrels: dict[str, dict[str, int]], corpus_ids: Iterable[str],

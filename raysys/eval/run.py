@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from raysys import storage
-from raysys.artifacts import distribute_model
+from raysys.artifacts import distribute_dataset, distribute_model
 from raysys.config import Config
 from raysys.data.lareqa import LareqaCorpus, read_lareqa_dir
 from raysys.data.languages import wanted_languages
@@ -24,7 +24,7 @@ from raysys.eval.pairs_corpus import is_pairs_input, pairs_eval_corpus, read_pai
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import resolve_split_rule, split_names
 from raysys.errors import ConfigError
-from raysys.eval.embeddings import encode_cached, shard_plan
+from raysys.eval.embeddings import encode_cached, encode_corpus_cached, shard_plan
 from raysys.eval.lareqa import evaluate_lareqa_stored
 from raysys.eval.ranking import balanced_bounds, open_shards, search_stored_queries
 from raysys.model.default import resolve_model_path
@@ -79,8 +79,11 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
 
 def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
                             progress: bool = True) -> dict:
-    from raysys.eval.miracl import (check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run,
-                                    trec_run)
+    """Per language: topics and qrels read here (small); the corpus read, checked and encoded by
+    the encoder actors (`raysys.eval.corpus_stream`), never held by the driver, which streams the
+    docid files to check the qrels and name the top-k documents."""
+    from raysys.eval.corpus_stream import docids_of, scan_docids
+    from raysys.eval.miracl import check_qrels_against_corpus, read_qrels, read_topics, score_run, trec_run
 
     e = config.eval
     out = {"per_language": {}, "trec_run": {}}  # the runs are written beside the report (write_report)
@@ -89,21 +92,29 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         raise ConfigError(f"{root}: no <lang>/topics.tsv found (expected topics.tsv, qrels.tsv, corpus.jsonl per language)")
     for lang in langs:
         topics, qrels = read_topics(root / lang / "topics.tsv"), read_qrels(root / lang / "qrels.tsv")
-        corpus = read_corpus(root / lang / "corpus.jsonl")
-        check_qrels_against_corpus(qrels, set(corpus), root / lang / "qrels.tsv")
-        docids, qids = list(corpus), list(topics)
-        files = encode_cached({"corpus": ([corpus[d] for d in docids], "passage"),
-                               "topics": ([topics[q] for q in qids], "query")}, model_path, config, work_dir,
-                              f"miracl-{lang}", [str(root), lang, str(len(docids)), str(len(qids))], progress)
-        depth, plan = min(max(100, e.top_k), len(docids)), shard_plan(config, len(docids))
+        corpus = root / lang / "corpus.jsonl"
+        # The encoder actors read the corpus: a path every node sees, or a copy in the run's storage.
+        source = storage.join(distribute_dataset(str(root / lang), config), "corpus.jsonl")
+        stat = corpus.stat()
+        corpus_files = encode_corpus_cached(source, model_path, config, work_dir, f"miracl-{lang}",
+                                            [str(corpus.resolve()), str(stat.st_size), str(stat.st_mtime_ns)], progress,
+                                            display=str(corpus))
+        judged = {d for docs in qrels.values() for d in docs}
+        check_qrels_against_corpus(qrels, scan_docids(corpus_files, judged, str(corpus)), root / lang / "qrels.tsv")
+        qids = list(topics)
+        files = encode_cached({"topics": ([topics[q] for q in qids], "query")}, model_path, config, work_dir,
+                              f"miracl-{lang}-topics", [str(root), lang, str(len(qids))], progress)
+        num_docs = sum(n for _, n in corpus_files)
+        depth, plan = min(max(100, e.top_k), num_docs), shard_plan(config, num_docs)
         if e.ann_index:  # approximate top-k, with its recall against exact search reported
             from raysys.eval.approximate import approximate_top_k
 
             scores, top, out.setdefault("approximate_search", {})[lang] = approximate_top_k(
-                files["corpus"], files["topics"], depth, plan, e.ann_index, e.ann_params, e.ann_recall_queries)
+                corpus_files, files["topics"], depth, plan, e.ann_index, e.ann_params, e.ann_recall_queries)
         else:
-            scores, top = search_stored(files["corpus"], files["topics"], depth, plan)
-        run = {q: [docids[i] for i in row if i >= 0] for q, row in zip(qids, top)}
+            scores, top = search_stored(corpus_files, files["topics"], depth, plan)
+        names = docids_of(corpus_files, top)
+        run = {q: [names[int(i)] for i in row if i >= 0] for q, row in zip(qids, top)}
         out["per_language"][lang] = score_run(run, qrels)["mean"]
         out["trec_run"][lang] = trec_run(qids, run, scores, tag=Path(model_path).name or "raysys")
     metrics = sorted(next(iter(out["per_language"].values())))

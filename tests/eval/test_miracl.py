@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import gzip
-import json
-
 import numpy as np
 import pytest
 
 from raysys.errors import DataError
-from raysys.eval.miracl import check_qrels_against_corpus, read_corpus, read_qrels, read_topics, score_run
+from raysys.eval.miracl import check_qrels_against_corpus, read_qrels, read_topics, score_run
 
 
 def _write(path, text):
@@ -59,43 +56,6 @@ def test_read_qrels_errors(tmp_path, body, line, field):
     with pytest.raises(DataError) as e:
         read_qrels(path)
     _assert_located(e, path, line, field)
-
-
-def _jsonl(records):
-    return "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in records)
-
-
-def test_read_corpus_plain_and_gz(tmp_path):
-    records = [{"docid": "d1", "title": "Cat", "text": "A small mammal."},
-               {"docid": "d2", "title": "", "text": "Untitled passage."},
-               {"docid": "d3", "title": "Zürich", "text": "Stadt.", "extra": 1}]
-    expected = {"d1": "Cat A small mammal.", "d2": "Untitled passage.", "d3": "Zürich Stadt."}
-    assert read_corpus(_write(tmp_path / "corpus.jsonl", _jsonl(records))) == expected
-    gz = tmp_path / "corpus.jsonl.gz"
-    with gzip.open(gz, "wt", encoding="utf-8") as f:
-        f.write(_jsonl(records))
-    assert read_corpus(gz) == expected
-
-
-GOOD = {"docid": "d1", "title": "t", "text": "x"}
-
-
-@pytest.mark.parametrize("bad, field", [
-    ('{"docid": "d2", "title": "t", ', "json"),
-    ('["d2", "t", "x"]', "json"),
-    ({"title": "t", "text": "x"}, "docid"),
-    ({"docid": "d2", "text": "x"}, "title"),
-    ({"docid": "d2", "title": "t"}, "text"),
-    ({"docid": 7, "title": "t", "text": "x"}, "docid"),
-    ({"docid": "d2", "title": None, "text": "x"}, "title"),
-    ({"docid": "d2", "title": "t", "text": ["x"]}, "text"),
-    ({"docid": "d1", "title": "t", "text": "again"}, "docid"),
-])
-def test_read_corpus_errors(tmp_path, bad, field):
-    path = _write(tmp_path / "bad-corpus.jsonl", _jsonl([GOOD, GOOD | {"docid": "d0"}, bad]))
-    with pytest.raises(DataError) as e:
-        read_corpus(path)
-    _assert_located(e, path, 3, field)
 
 
 def test_invalid_utf8_names_line(tmp_path):
