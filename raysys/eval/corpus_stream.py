@@ -206,14 +206,18 @@ def encode_corpus(source: str, *, name: str, model_path: str, settings, out_dir:
                                                        "fast_path": fast_path},
             batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
             num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
-        ds.context.raise_original_map_exception = True  # a bad line's DataError, not Ray's wrapper
+        ds.context.raise_original_map_exception = True  # a bad line's DataError, not Ray Data's wrapper
         sizes = {p: e - s for p, (s, e) in missing}
         bar = Progress(f"encode {name}", sum(sizes.values()), "bytes", mode=None if progress else "off")
-        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
-            for path, count in zip(batch["path"], batch["rows"]):
-                rows[str(path)] = int(count)
-                bar.advance(sizes[str(path)])
-        bar.close()
+        try:
+            for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                for path, count in zip(batch["path"], batch["rows"]):
+                    rows[str(path)] = int(count)
+                    bar.advance(sizes[str(path)])
+        except DataError as exc:  # Ray's wrapper of an actor's DataError: the user's one line, unwrapped
+            raise getattr(exc, "cause", None) or exc from None
+        finally:
+            bar.close()
         if any(rows[p] is None for p in paths):  # never silently short
             raise RuntimeError(f"encode: shards {[p for p in paths if rows[p] is None]} were not written by the encoders")
     if sum(rows.values()) == 0:
