@@ -166,8 +166,8 @@ def _miracl(topics: str, qrels: str, corpus: list):
         jsonl(root / "corpus.jsonl", corpus)
         read_topics(root / "topics.tsv")
         judged = read_qrels(root / "qrels.tsv")
-        corpus = str(root / "corpus.jsonl")  # read as the encoder actors read it, in byte ranges
-        docids = {d for start, end in corpus_slices(corpus, 16) for d in read_corpus_slice(corpus, start, end)[0]}
+        corpus_path = str(root / "corpus.jsonl")  # read as the encoder actors read it, in byte ranges
+        docids = {d for start, end in corpus_slices(corpus_path, 16) for d in read_corpus_slice(corpus_path, start, end)[0]}
         check_qrels_against_corpus(judged, docids, root / "qrels.tsv")
     return trigger
 

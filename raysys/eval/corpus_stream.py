@@ -5,8 +5,10 @@ its range, keeps the lines that start in it (a line that crosses the range's end
 the bytes after it; one that crosses its start belongs to the range before: Hadoop's rule), checks
 and parses them, encodes the passages, and writes the embeddings (`<name>-NNNNN.npz`, as
 `raysys.eval.encode` writes them) and the docids beside them (`<name>-NNNNN.docids.npy`). Only
-file names and row counts come back to the driver. The driver later streams the docid files one at
-a time (`scan_docids`, `docids_of`): about 20 bytes per passage of reading, never the passages.
+file names and row counts come back to the driver. Before that, `check_corpus` parses every line
+in Ray tasks (no model), so bad lines, repeated docids and qrels naming missing documents fail
+before any encoding. After the search the driver reads the docid files one at a time
+(`docids_of`): about 20 bytes per passage, never the passages.
 
 A bad line fails in its actor with the file, the line number and the field; the line number is
 counted (from the start of the file) only then.
@@ -14,6 +16,7 @@ counted (from the start of the file) only then.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -230,37 +233,45 @@ def read_docids(shard_path: str) -> np.ndarray:
     return np.load(io.BytesIO(storage.read_bytes(docids_path(shard_path))), allow_pickle=False)
 
 
-def scan_docids(files: list[tuple[str, int]], judged: set[str], source: str) -> set[str]:
-    """One pass over the docid files: the judged docids the corpus holds; a docid that appears
-    twice raises DataError at its second line. Holds 8 bytes per passage (hashes), not the docids."""
-    found, hashes, judged_bytes = set(), [], {d.encode("utf-8") for d in judged}
-    for path, _ in files:
-        ids = read_docids(path)
-        found.update(d.decode("utf-8") for d in judged_bytes.intersection(ids.tolist()))
-        hashes.append(np.fromiter((hash(d) for d in ids.tolist()), np.int64, count=len(ids)))
-    every = np.concatenate(hashes) if hashes else np.zeros(0, np.int64)
-    values, counts = np.unique(every, return_counts=True)
-    if (counts > 1).any():  # a hash seen twice: find the docid itself (and its line), or a collision
-        _raise_duplicate(files, set(values[counts > 1].tolist()), source)
-    return found
+def check_corpus(source: str, judged: set[str], display: str | None = None,
+                 slice_bytes: int = SLICE_BYTES) -> set[str]:
+    """Check every line before any model loads: one Ray task per byte range parses its lines and
+    returns its row count, the judged docids it holds and an 8-byte hash per docid. Returns the
+    judged docids the corpus holds; a bad line, or a docid that appears twice (located at its
+    second line), raises DataError. The driver holds the hashes (8 bytes per passage), never the
+    docids or passages."""
+    judged_ref = ray.put(sorted(judged))
+    tasks = [_check_range.remote(source, display or source, start, end, judged_ref)
+             for start, end in corpus_slices(source, slice_bytes)]
+    try:
+        answers = ray.get(tasks)
+    except DataError as exc:  # Ray's wrapper of a task's DataError: the user's one line, unwrapped
+        raise getattr(exc, "cause", None) or exc from None
+    if sum(rows for rows, _, _ in answers) == 0:
+        raise DataError("no documents (the file holds only blank lines)", file=display or source, hint=CORPUS_HINT)
+    values, counts = np.unique(np.concatenate([hashes for _, _, hashes in answers]), return_counts=True)
+    if (counts > 1).any():  # a hash seen twice: find the docid itself and its line (or a collision)
+        _raise_repeat(source, set(values[counts > 1].tolist()), display or source)
+    return {d for _, found, _ in answers for d in found}
 
 
-def _raise_duplicate(files: list[tuple[str, int]], suspect: set[int], source: str) -> None:
-    seen: set[bytes] = set()
-    for path, _ in files:
-        for docid in read_docids(path).tolist():
-            if hash(docid) in suspect:
-                if docid in seen:
-                    line = _line_of(source, docid, occurrence=2)
-                    raise DataError(f"duplicate document id {docid.decode('utf-8')!r}", file=source, row=line,
-                                    field="docid", hint="document ids must be unique; drop or rename the repeat")
-                seen.add(docid)
+@ray.remote(num_cpus=1)
+def _check_range(source: str, display: str, start: int, end: int, judged: list[str]):
+    docids, _, _ = read_corpus_slice(source, start, end, display)
+    hashes = np.fromiter((docid_hash(d) for d in docids), np.uint64, count=len(docids))
+    return len(docids), sorted(set(judged).intersection(docids)), hashes
 
 
-def _line_of(source: str, docid: bytes, occurrence: int) -> int | None:
-    """The line of a docid's n-th occurrence (an error path: reads the file once, in chunks)."""
+def docid_hash(docid: str) -> int:
+    """The same 64-bit value in every process (Python's hash() is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(docid.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def _raise_repeat(source: str, suspect: set[int], display: str) -> None:
+    """The error path of a repeated hash: read the file once, in chunks, for the repeated docid."""
+    seen: set[str] = set()
     fs, path = storage.resolve(source)
-    seen, number, rest = 0, 0, b""
+    number, rest = 0, b""
     with fs.open_input_stream(path) as f:  # a .gz file is decompressed by its extension
         while True:
             chunk = f.read(16 << 20)
@@ -268,13 +279,15 @@ def _line_of(source: str, docid: bytes, occurrence: int) -> int | None:
             rest = lines.pop() if chunk else b""
             for raw in lines:
                 number += 1
-                if docid in raw:
-                    parsed = parse_corpus_line(raw.rstrip(b"\r"))
-                    seen += parsed is not None and parsed[0].encode("utf-8") == docid
-                    if seen == occurrence:
-                        return number
+                parsed = parse_corpus_line(raw.rstrip(b"\r"))  # every line already parsed once
+                if parsed is None or docid_hash(parsed[0]) not in suspect:
+                    continue
+                if parsed[0] in seen:
+                    raise DataError(f"duplicate document id {parsed[0]!r}", file=display, row=number, field="docid",
+                                    hint="document ids must be unique; drop or rename the repeat")
+                seen.add(parsed[0])
             if not chunk:
-                return None
+                return  # a 64-bit hash collision between different docids: nothing to report
 
 
 def docids_of(files: list[tuple[str, int]], rows: np.ndarray) -> dict[int, str]:

@@ -28,6 +28,7 @@ from raysys.eval.embeddings import encode_cached, encode_corpus_cached, shard_pl
 from raysys.eval.lareqa import evaluate_lareqa_stored
 from raysys.eval.ranking import balanced_bounds, open_shards, search_stored_queries
 from raysys.model.default import resolve_model_path
+from raysys.runtime import ensure_ray
 
 
 def load_eval_corpus(name: str, config: Config) -> LareqaCorpus:
@@ -79,10 +80,10 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
 
 def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_dir: Path,
                             progress: bool = True) -> dict:
-    """Per language: topics and qrels read here (small); the corpus read, checked and encoded by
-    the encoder actors (`raysys.eval.corpus_stream`), never held by the driver, which streams the
-    docid files to check the qrels and name the top-k documents."""
-    from raysys.eval.corpus_stream import docids_of, scan_docids
+    """Per language: topics and qrels read here (small); the corpus checked by Ray tasks and encoded
+    by the encoder actors (`raysys.eval.corpus_stream`), never held by the driver, which reads the
+    docid files only to name the top-k documents."""
+    from raysys.eval.corpus_stream import check_corpus, docids_of
     from raysys.eval.miracl import check_qrels_against_corpus, read_qrels, read_topics, score_run, trec_run
 
     e = config.eval
@@ -95,12 +96,14 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         corpus = root / lang / "corpus.jsonl"
         # The encoder actors read the corpus: a path every node sees, or a copy in the run's storage.
         source = storage.join(distribute_dataset(str(root / lang), config), "corpus.jsonl")
+        ensure_ray()
+        # Every line parsed (Ray tasks, no model) before encoding: bad lines, repeats, unknown judged docids.
+        judged = {d for docs in qrels.values() for d in docs}
+        check_qrels_against_corpus(qrels, check_corpus(source, judged, str(corpus)), root / lang / "qrels.tsv")
         stat = corpus.stat()
         corpus_files = encode_corpus_cached(source, model_path, config, work_dir, f"miracl-{lang}",
                                             [str(corpus.resolve()), str(stat.st_size), str(stat.st_mtime_ns)], progress,
                                             display=str(corpus))
-        judged = {d for docs in qrels.values() for d in docs}
-        check_qrels_against_corpus(qrels, scan_docids(corpus_files, judged, str(corpus)), root / lang / "qrels.tsv")
         qids = list(topics)
         files = encode_cached({"topics": ([topics[q] for q in qids], "query")}, model_path, config, work_dir,
                               f"miracl-{lang}-topics", [str(root), lang, str(len(qids))], progress)

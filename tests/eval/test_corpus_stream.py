@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from raysys.errors import DataError
-from raysys.eval.corpus_stream import (_write_slice, corpus_slices, docids_of, encode_corpus, read_corpus_slice,
-                                       scan_docids)
+from raysys.eval.corpus_stream import (_write_slice, check_corpus, corpus_slices, docids_of, encode_corpus,
+                                       read_corpus_slice)
 from raysys.eval.embeddings import encoder_settings
 from raysys.config import Config
 
@@ -104,27 +104,42 @@ def _stored(tmp_path, path, slice_bytes=80):
     return files
 
 
-def test_scan_docids_finds_judged_documents_and_maps_rows(tmp_path):
+def test_docids_of_names_rows_from_the_docid_files(tmp_path):
     records = _corpus(30)
     path = tmp_path / "corpus.jsonl"
     path.write_text(_jsonl(records), encoding="utf-8")
     files = _stored(tmp_path, path)
     assert len(files) > 3
-    assert scan_docids(files, {"doc-3", "doc-29", "nope"}, str(path)) == {"doc-3", "doc-29"}
     rows = np.array([[0, 29, -1], [17, 17, 5]])
     assert docids_of(files, rows) == {0: "doc-0", 29: "doc-29", 17: "doc-17", 5: "doc-5"}
 
 
-def test_a_duplicate_docid_in_another_range_is_located(tmp_path):
+def test_check_corpus_finds_judged_documents(ray_local, tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(_jsonl(_corpus(30)), encoding="utf-8")
+    assert check_corpus(str(path), {"doc-3", "doc-29", "nope"}, slice_bytes=80) == {"doc-3", "doc-29"}
+
+
+def test_check_corpus_locates_a_duplicate_docid_in_another_range(ray_local, tmp_path):
     records = _corpus(30)
-    records.insert(25, {"docid": "doc-2", "title": "", "text": "again"})  # line 28: blank lines at 2 and 14
+    again = {"docid": "doc-2", "title": "", "text": "again"}
+    records.insert(25, again)
     path = tmp_path / "corpus.jsonl"
     path.write_text(_jsonl(records), encoding="utf-8")
-    files = _stored(tmp_path, path)
     with pytest.raises(DataError) as e:
-        scan_docids(files, set(), str(path))
-    assert "'doc-2'" in str(e.value) and e.value.field == "docid"
-    assert e.value.row == records.index({"docid": "doc-2", "title": "", "text": "again"}) + 1
+        check_corpus(str(path), set(), display="my/corpus.jsonl", slice_bytes=80)
+    assert e.value.row == records.index(again) + 1 and e.value.field == "docid"
+    assert str(e.value).startswith(f"my/corpus.jsonl, row {records.index(again) + 1}, field 'docid': duplicate document id 'doc-2'")
+
+
+def test_check_corpus_names_a_bad_line_through_ray(ray_local, tmp_path):
+    records = _corpus(30)
+    records.insert(27, {"docid": "x", "title": "t", "text": 3})
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(_jsonl(records), encoding="utf-8")
+    with pytest.raises(DataError) as e:
+        check_corpus(str(path), set(), slice_bytes=80)
+    assert str(e.value).startswith(f"{path}, row 28, field 'text': expected a string")
 
 
 def test_encode_corpus_matches_encoding_the_passages(ray_local, tmp_path, tiny_model_dir):
