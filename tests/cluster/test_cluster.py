@@ -20,6 +20,7 @@ from raysys import storage
 from raysys.train.checkpoint import complete_checkpoints, read_state, verify_checkpoint
 from tests.cluster.conftest import RAYSYS, tiny_args
 from tests.conftest import REPO_ROOT
+from tests.eval.miracl_fixture import write_miracl
 
 pytestmark = [pytest.mark.cluster, pytest.mark.timeout(1500)]
 ONE_WORKER_PER_NODE = ["train.num_workers=2", "train.cpus_per_worker=2", "train.zero_stage=2"]
@@ -45,11 +46,13 @@ def printed(stdout: str, label: str) -> str:
     return next(line.split(label, 1)[1].strip() for line in stdout.splitlines() if line.startswith(label))
 
 
-def single_node_eval(model: str, out: Path, args: list[str], s3_env: dict, cache: Path) -> dict:
+def single_node_eval(model: str, out: Path, args: list[str], s3_env: dict, cache: Path,
+                     more_datasets: tuple[str, ...] = ()) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(s3_env, RAYSYS_CACHE=str(cache))
     done = subprocess.run([RAYSYS, "eval", *args, "--model", model, "--out", str(out), "--datasets",
-                           args_value(args, "data.train=")], env=env, capture_output=True, text=True, timeout=900)
+                           args_value(args, "data.train="), *more_datasets], env=env, capture_output=True, text=True,
+                          timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return summaries(out)
 
@@ -83,15 +86,22 @@ def test_train_resume_export_and_evaluate_on_the_cluster(cluster, s3_env, tmp_pa
     assert state["global_step"] == 6 and state["restores"] == 1
     assert state["history"]["batch"][:4] == first["history"]["batch"], "the resumed run left the schedule"
 
+    # A LAReQA dataset and a MIRACL-style directory on the head only: the encoder tasks and actors on
+    # the other node read the corpus from the copy published to S3.
     eval_args = tiny_args(cluster, "tiny", store)
+    write_miracl(cluster.head_dir / "miracl")
     report = cluster.head_dir / "eval-cluster"
     run_ok(cluster, [RAYSYS, "eval", *eval_args, "--model", model, "--out", str(report), "--datasets",
-                     args_value(eval_args, "data.train=")])
+                     args_value(eval_args, "data.train="), f"miracl:{cluster.head_dir / 'miracl'}"])
     on_cluster = summaries(report)
+    assert set(on_cluster) == {Path(args_value(eval_args, "data.train=")).name, "miracl"}
+    assert any(name.startswith("published/data/de-") for name in storage.list_files(store)), "corpus not published"
     # The same model from S3, the same data, on one node (local Ray, another cache).
     local_args = [a.replace(str(cluster.head_dir), str(tmp_path / "head")) for a in eval_args]
     shutil.copytree(cluster.head_dir / "data", tmp_path / "head" / "data")
-    on_one_node = single_node_eval(model, tmp_path / "eval-local", local_args, cluster.s3.env, tmp_path / "cache")
+    shutil.copytree(cluster.head_dir / "miracl", tmp_path / "head" / "miracl")
+    on_one_node = single_node_eval(model, tmp_path / "eval-local", local_args, cluster.s3.env, tmp_path / "cache",
+                                   more_datasets=(f"miracl:{tmp_path / 'head' / 'miracl'}",))
     assert json.dumps(on_cluster, sort_keys=True) == json.dumps(on_one_node, sort_keys=True)
 
 

@@ -11,19 +11,8 @@ from raysys.config import Config
 from raysys.eval.miracl import read_qrels, score_run
 from raysys.eval.run import evaluate
 from tests.eval.lareqa_fixture import write_synthetic_lareqa
+from tests.eval.miracl_fixture import write_miracl
 from tests.tiny_model import build_tiny_model
-
-
-def write_miracl(root: Path) -> Path:
-    for lang in ("de", "en"):
-        d = root / lang
-        d.mkdir(parents=True)
-        docs = {f"{lang}-d{i}": f"{lang} document number {i} about topic {i % 3}" for i in range(12)}
-        (d / "corpus.jsonl").write_text("\n".join(json.dumps({"docid": k, "title": "", "text": v})
-                                                  for k, v in docs.items()), encoding="utf-8")
-        (d / "topics.tsv").write_text("\n".join(f"q{i}\t{lang} topic {i}" for i in range(3)), encoding="utf-8")
-        (d / "qrels.tsv").write_text("\n".join(f"q{i} Q0 {lang}-d{i} 1" for i in range(3)), encoding="utf-8")
-    return root
 
 
 def test_lareqa_and_miracl_datasets(ray_local, tmp_path, tiny_model_dir):
