@@ -26,7 +26,7 @@ import ray
 
 from raysys import storage
 from raysys.errors import DataError
-from raysys.eval.encode import EncoderActor, _load_shard, check_fast_path
+from raysys.eval.encode import EncoderActor, _load_shard, check_fast_path, map_with_encoders
 from raysys.progress import Progress
 
 SLICE_BYTES = 8 << 20  # one encoder task per 8 MiB of JSONL (~10-20k Wikipedia passages)
@@ -203,12 +203,9 @@ def encode_corpus(source: str, *, name: str, model_path: str, settings, out_dir:
         # One block per byte range, so every actor of the pool gets some (one block goes to one actor).
         blocks = [pa.table({"path": [p], "source": [source], "display": [display or source],
                             "start": [s[0]], "end": [s[1]]}) for p, s in missing]
-        ds = ray.data.from_arrow(blocks).map_batches(
-            CorpusEncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
-                                                       "batch_tokens": batch_tokens, "threads": threads,
-                                                       "fast_path": fast_path},
-            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
-            num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
+        ds = map_with_encoders(ray.data.from_arrow(blocks), CorpusEncoderActor, model_path=model_path,
+                               settings=settings, batch_tokens=batch_tokens, threads=threads, fast_path=fast_path,
+                               num_encoders=num_encoders, use_gpu=use_gpu)
         ds.context.raise_original_map_exception = True  # a bad line's DataError, not Ray Data's wrapper
         sizes = {p: e - s for p, (s, e) in missing}
         bar = Progress(f"encode {name}", sum(sizes.values()), "bytes", mode=None if progress else "off")

@@ -209,12 +209,9 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
                                          "kinds": [set_kinds[first:first + count]]}))
     if missing:
         # One block per shard, so every actor of the pool gets shards (one block goes to one actor).
-        ds = ray.data.from_arrow(missing).map_batches(
-            EncoderActor, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
-                                                 "batch_tokens": batch_tokens, "threads": threads,
-                                                 "fast_path": fast_path},
-            batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
-            num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
+        ds = map_with_encoders(ray.data.from_arrow(missing), EncoderActor, model_path=model_path, settings=settings,
+                               batch_tokens=batch_tokens, threads=threads, fast_path=fast_path,
+                               num_encoders=num_encoders, use_gpu=use_gpu)
         wanted = {t["path"][0].as_py(): len(t["texts"][0]) for t in missing}
         written: set[str] = set()
         bar = Progress(f"encode {'+'.join(sets)}", sum(wanted.values()), "texts", mode=None if progress else "off")
@@ -225,6 +222,18 @@ def encode_sets(sets: dict[str, tuple[list[str], str | list[str]]], *, model_pat
         if set(wanted) - written:  # an actor reported fewer shards than it was given: never silently short
             raise RuntimeError(f"encode: shards {sorted(set(wanted) - written)} were not written by the encoders")
     return files
+
+
+def map_with_encoders(ds: "ray.data.Dataset", actor_class: type, *, model_path: str, settings: EncoderSettings,
+                      batch_tokens: int | None, threads: int | None, fast_path: str | None, num_encoders: int,
+                      use_gpu: bool) -> "ray.data.Dataset":
+    """ds (one shard to write per row) mapped by a pool of `num_encoders` encoder actors, each
+    loading the model once, with one GPU or `threads` CPUs."""
+    return ds.map_batches(
+        actor_class, fn_constructor_kwargs={"model_path": model_path, "settings": vars(settings),
+                                            "batch_tokens": batch_tokens, "threads": threads, "fast_path": fast_path},
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_encoders),
+        num_gpus=1 if use_gpu else 0, num_cpus=None if use_gpu else (threads or 1))
 
 
 def _shard_path(out_dir: str, name: str, shard: int) -> str:
