@@ -10,8 +10,8 @@ in Ray tasks (no model), so bad lines, repeated docids and qrels naming missing 
 before any encoding. After the search the driver reads the docid files one at a time
 (`docids_of`): about 20 bytes per passage, never the passages.
 
-A bad line fails in its actor with the file, the line number and the field; the line number is
-counted (from the start of the file) only then.
+A bad line fails with the file, the line number and the field; the line number is counted (from
+the start of the file) only then.
 """
 
 from __future__ import annotations
@@ -33,11 +33,11 @@ SLICE_BYTES = 8 << 20  # one encoder task per 8 MiB of JSONL (~10-20k Wikipedia 
 CORPUS_HINT = "every line of corpus.jsonl is an object with string fields docid, title and text (title may be \"\")"
 
 
-def corpus_slices(uri: str, slice_bytes: int = SLICE_BYTES) -> list[tuple[int, int]]:
+def corpus_slices(uri: str, slice_bytes: int = SLICE_BYTES, display: str | None = None) -> list[tuple[int, int]]:
     """[(start, end)] byte ranges covering the file ([(0, size)] for a .gz file: it cannot be cut)."""
-    size = _size(uri)
+    size = _size(uri, display)
     if size == 0:
-        raise DataError("no documents (the file is empty)", file=uri, hint=CORPUS_HINT)
+        raise DataError("no documents (the file is empty)", file=display or uri, hint=CORPUS_HINT)
     if uri.endswith(".gz"):
         return [(0, size)]
     return [(start, min(start + slice_bytes, size)) for start in range(0, size, slice_bytes)]
@@ -76,12 +76,11 @@ class BadLine(ValueError):
         self.message, self.field, self.hint = message, field, hint
 
 
-def read_corpus_slice(uri: str, start: int, end: int, display: str | None = None) -> tuple[list[str], list[str], list[int]]:
-    """docids, passages and line offsets (0 = the slice's first line) of the lines starting in
-    [start, end); a bad line raises DataError with its line number, naming the file as `display`
-    (the user's path where `uri` is a copy of it) or `uri`."""
+def read_corpus_slice(uri: str, start: int, end: int, display: str | None = None) -> tuple[list[str], list[str]]:
+    """docids and passages of the lines starting in [start, end); a bad line raises DataError with
+    its line number, naming the file as `display` (the user's path where `uri` is a copy) or `uri`."""
     data, first_line_start = _slice_bytes(uri, start, end)
-    docids, passages, offsets = [], [], []
+    docids, passages = [], []
     for offset, raw in enumerate(data.split(b"\n")[:-1] if data.endswith(b"\n") else data.split(b"\n")):
         try:
             parsed = parse_corpus_line(raw.rstrip(b"\r"))
@@ -91,8 +90,7 @@ def read_corpus_slice(uri: str, start: int, end: int, display: str | None = None
         if parsed is not None:
             docids.append(parsed[0])
             passages.append(parsed[1])
-            offsets.append(offset)
-    return docids, passages, offsets
+    return docids, passages
 
 
 def _slice_bytes(uri: str, start: int, end: int) -> tuple[bytes, int]:
@@ -134,12 +132,14 @@ def line_number(uri: str, byte_offset: int) -> int:
     return count + 1
 
 
-def _size(uri: str) -> int:
+def _size(uri: str, display: str | None = None) -> int:
     fs, path = storage.resolve(uri)
     info = fs.get_file_info(path)
     if info.type.name != "File":
-        raise DataError("file not found", file=uri, hint="a MIRACL-style language directory holds topics.tsv, qrels.tsv and corpus.jsonl")
+        raise DataError("file not found", file=display or uri,
+                        hint="a MIRACL-style language directory holds topics.tsv, qrels.tsv and corpus.jsonl")
     return int(info.size)
+
 
 
 class CorpusEncoderActor(EncoderActor):
@@ -149,7 +149,7 @@ class CorpusEncoderActor(EncoderActor):
         """Rows {"path", "source", "display", "start", "end"}; yields {"path", "rows"} once stored."""
         for path, source, display, start, end in zip(batch["path"], batch["source"], batch["display"], batch["start"],
                                                      batch["end"]):
-            docids, passages, _ = read_corpus_slice(str(source), int(start), int(end), str(display))
+            docids, passages = read_corpus_slice(str(source), int(start), int(end), str(display))
             embeddings = self.embed_texts(passages, ["passage"] * len(passages))  # [0, d] for no lines
             _write_slice(str(path), embeddings, docids, (int(start), int(end)), self.fast_path)
             yield {"path": np.array([str(path)]), "rows": np.array([len(docids)], dtype=np.int64)}
@@ -195,7 +195,7 @@ def encode_corpus(source: str, *, name: str, model_path: str, settings, out_dir:
     Errors name the file as `display` (the user's path where `source` is a copy) or `source`."""
     fast_path = check_fast_path(fast_path)
     storage.makedirs(out_dir)
-    slices = corpus_slices(source, slice_bytes)
+    slices = corpus_slices(source, slice_bytes, display)
     paths = [storage.join(out_dir, f"{name}-{i:05d}.npz") for i in range(len(slices))]
     rows = {p: _stored_rows(p, s, fast_path) for p, s in zip(paths, slices)}
     missing = [(p, s) for p, s in zip(paths, slices) if rows[p] is None]
@@ -239,7 +239,7 @@ def check_corpus(source: str, judged: set[str], display: str | None = None,
     docids or passages."""
     judged_ref = ray.put(sorted(judged))
     tasks = [_check_range.remote(source, display or source, start, end, judged_ref)
-             for start, end in corpus_slices(source, slice_bytes)]
+             for start, end in corpus_slices(source, slice_bytes, display)]
     try:
         answers = ray.get(tasks)
     except DataError as exc:  # Ray's wrapper of a task's DataError: the user's one line, unwrapped
@@ -254,7 +254,7 @@ def check_corpus(source: str, judged: set[str], display: str | None = None,
 
 @ray.remote(num_cpus=1)
 def _check_range(source: str, display: str, start: int, end: int, judged: list[str]):
-    docids, _, _ = read_corpus_slice(source, start, end, display)
+    docids, _ = read_corpus_slice(source, start, end, display)
     hashes = np.fromiter((docid_hash(d) for d in docids), np.uint64, count=len(docids))
     return len(docids), sorted(set(judged).intersection(docids)), hashes
 

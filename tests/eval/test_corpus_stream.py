@@ -41,7 +41,7 @@ def _expected(records):
 def _read_all(path, slice_bytes):
     out = []
     for start, end in corpus_slices(str(path), slice_bytes):
-        docids, passages, _ = read_corpus_slice(str(path), start, end)
+        docids, passages = read_corpus_slice(str(path), start, end)
         out.extend(zip(docids, passages))
     return out
 
@@ -97,7 +97,7 @@ def _stored(tmp_path, path, slice_bytes=80):
     """Shard files as the encoder actors write them (zero embeddings: the docids are under test)."""
     files = []
     for i, (start, end) in enumerate(corpus_slices(str(path), slice_bytes)):
-        docids, _, _ = read_corpus_slice(str(path), start, end)
+        docids, _ = read_corpus_slice(str(path), start, end)
         shard = str(tmp_path / "emb" / f"corpus-{i:05d}.npz")
         _write_slice(shard, np.zeros((len(docids), 4), np.float32), docids, (start, end), None)
         files.append((shard, len(docids)))
