@@ -76,6 +76,11 @@ class TrainConfig:
     lr_decay: str = "linear"  # after warmup: linear (towards 0 at the end) | constant
     temperature: float = 0.05
     symmetric_loss: bool = False
+    # Regulariser toward the initial model: on monolingual batches, add distill_weight x KL(initial
+    # model's in-batch similarity distribution || the student's), at distill_temperature (None: the
+    # InfoNCE temperature). Each worker holds a frozen copy of the initial model. 0: off.
+    distill_weight: float = 0.0
+    distill_temperature: float | None = None
     use_hard_negatives: bool = True
     gradient_accumulation_steps: int = 1
     # Gradient caching (sentence-transformers' CachedMultipleNegativesRankingLoss, GradCache): each
@@ -232,6 +237,11 @@ class Config:
             raise fail("train.precision", f"unknown precision {t.precision!r}", "use auto, fp32, bf16 or fp16")
         if not t.temperature > 0:
             raise fail("train.temperature", f"{t.temperature} is not positive", "e.g. 0.05")
+        if not t.distill_weight >= 0:
+            raise fail("train.distill_weight", f"{t.distill_weight} is negative", "use 0 (off) or a positive weight")
+        if t.distill_temperature is not None and not t.distill_temperature > 0:
+            raise fail("train.distill_temperature", f"{t.distill_temperature} is not positive",
+                       "e.g. 0.05, or null for train.temperature")
         for key in ("epochs", "gradient_accumulation_steps", "checkpoint_every", "eval_every", "log_every",
                     "keep_checkpoints", "torch_threads"):
             if getattr(t, key) < 1:

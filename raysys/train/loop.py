@@ -78,6 +78,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],
                                            lr_scheduler=lr_scheduler_factory(t, total_steps))
+    # The regulariser's teacher: the initial model (model_path, also when resuming), frozen, in the
+    # engine's dtype and on its device; dropout off, so it gives one target per batch.
+    teacher = None
+    if t.distill_weight > 0:
+        teacher = BiEncoder.from_pretrained(model_path, encoder_settings(config)).eval().requires_grad_(False)
+        teacher.to(engine.device, next(engine.module.parameters()).dtype)
     if world == 1 and t.zero_stage == 0:
         # One worker has nothing to all-reduce; DeepSpeed would still flatten and copy back every
         # gradient each step (ZeRO >= 1 needs that hook for its partition bookkeeping).
@@ -114,7 +120,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             lr = engine.get_lr()[0]  # what this batch's update applies (the scheduler moves at a boundary)
             # Dropout noise as a function of (seed, step, rank): a resumed run repeats it exactly.
             loss, accuracy = train_step(engine, batch, t, seed=config.seed * 1_000_003 + micro_step * 1_009 + rank,
-                                        tokens=ready.tokens)
+                                        tokens=ready.tokens, teacher=teacher)
             micro_step += 1
             pairs_done += len(batch.queries) * world
             kinds[batch.plan.kind] += 1

@@ -53,3 +53,18 @@ def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives:
         loss = (loss + F.cross_entropy(backward_scores, labels)) / 2
     accuracy = (scores.argmax(dim=1) == labels).float().mean()
     return loss, accuracy.detach()
+
+
+def similarity_distillation_loss(queries: torch.Tensor, passages: torch.Tensor, teacher_queries: torch.Tensor,
+                                 teacher_passages: torch.Tensor, *, temperature: float = 0.05,
+                                 gather: bool = True) -> torch.Tensor:
+    """KL(teacher || student) between each query's softmax over the in-batch passages (all
+    workers' positives, gathered as for InfoNCE), mean over this worker's queries: keeps the
+    student's ranking of a batch close to a frozen teacher's (the initial model's). The teacher's
+    embeddings carry no gradient."""
+    all_passages = gather_with_grad(passages.float()) if gather else passages.float()
+    with torch.no_grad():
+        teacher_all = gather_with_grad(teacher_passages.float()) if gather else teacher_passages.float()
+        target = F.log_softmax(teacher_queries.float() @ teacher_all.T / temperature, dim=1)
+    student = F.log_softmax(queries.float() @ all_passages.T / temperature, dim=1)
+    return F.kl_div(student, target, reduction="batchmean", log_target=True)

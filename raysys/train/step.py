@@ -14,6 +14,11 @@ Two ways to the same gradient:
 
 Dropout is seeded per (batch, mini-batch): the graph pass replays the embedding pass's masks.
 Both return the loss and accuracy as device tensors; nothing here syncs with the host.
+
+With `train.distill_weight` > 0 a frozen teacher (the initial model, in eval mode) embeds the
+same tokens of a monolingual batch, and the similarity-distillation term joins the loss; in the
+cached step its embeddings are made in the no-graph pass, so the term's gradient reaches the
+parameters through the cached embedding gradients like InfoNCE's.
 """
 
 from __future__ import annotations
@@ -21,26 +26,31 @@ from __future__ import annotations
 import torch
 
 from raysys.config import TrainConfig
-from raysys.train.loss import info_nce_loss
+from raysys.data.hybrid import MONO
+from raysys.train.loss import info_nce_loss, similarity_distillation_loss
 
 
 Tokens = list  # per mini-batch (the whole batch for a plain step): (queries, candidates) tensor dicts
 
 
-def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | None = None
+def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | None = None, teacher=None
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and in-batch accuracy (detached device tensors) of this worker's share of `batch`;
     the engine has run one backward and `engine.step()` per DeepSpeed micro-step. `tokens`:
-    `batch_tokens(batch, ...)` made ahead of time (raysys.train.prefetch); tokenized here if absent."""
+    `batch_tokens(batch, ...)` made ahead of time (raysys.train.prefetch); tokenized here if absent.
+    `teacher`: the frozen initial model when train.distill_weight > 0 (used on monolingual batches:
+    their passages share the query's language, the setting the regulariser keeps)."""
     engine.train()
     if tokens is None:
         tokens = batch_tokens(engine.module.tokenize, batch, train.mini_batch_size)
     device = engine.device
     chunks = [tuple({k: v.to(device, non_blocking=True) for k, v in part.items()} for part in chunk)
               for chunk in tokens]
+    if teacher is None or not train.distill_weight > 0 or batch.plan.kind != MONO:
+        teacher = None
     if train.mini_batch_size:
-        return cached_step(engine, batch, chunks, train, seed)
-    return plain_step(engine, batch, chunks[0], train, seed)
+        return cached_step(engine, batch, chunks, train, seed, teacher)
+    return plain_step(engine, batch, chunks[0], train, seed, teacher)
 
 
 def batch_tokens(tokenize, batch, mini_batch_size: int | None) -> Tokens:
@@ -61,15 +71,32 @@ def _embed(engine, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
             engine(candidates["input_ids"], candidates["attention_mask"]))
 
 
-def _loss(q_emb, c_emb, n_pairs: int, has_negatives: bool, train: TrainConfig):
-    passages, negatives = (c_emb[:n_pairs], c_emb[n_pairs:]) if has_negatives else (c_emb, None)
-    return info_nce_loss(q_emb, passages, negatives, temperature=train.temperature, symmetric=train.symmetric_loss)
+def _teacher_embed(teacher, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return (teacher(queries["input_ids"], queries["attention_mask"]),
+                teacher(candidates["input_ids"], candidates["attention_mask"]))
 
 
-def plain_step(engine, batch, tokens, train: TrainConfig, seed: int):
+def _loss(q_emb, passages, negatives, train: TrainConfig, teacher_emb=None):
+    """InfoNCE, plus the weighted similarity distillation toward the teacher's (queries, positives)."""
+    loss, accuracy = info_nce_loss(q_emb, passages, negatives, temperature=train.temperature,
+                                   symmetric=train.symmetric_loss)
+    if teacher_emb is not None:
+        loss = loss + train.distill_weight * similarity_distillation_loss(
+            q_emb, passages, *teacher_emb, temperature=train.distill_temperature or train.temperature)
+    return loss, accuracy
+
+
+def plain_step(engine, batch, tokens, train: TrainConfig, seed: int, teacher=None):
     torch.manual_seed(seed)
     q_emb, c_emb = _embed(engine, *tokens)
-    loss, accuracy = _loss(q_emb, c_emb, len(batch.queries), batch.hard_negatives is not None, train)
+    n_pairs = len(batch.queries)
+    negatives = c_emb[n_pairs:] if batch.hard_negatives is not None else None
+    teacher_emb = None
+    if teacher is not None:
+        t_q, t_c = _teacher_embed(teacher, *tokens)
+        teacher_emb = (t_q, t_c[:n_pairs])
+    loss, accuracy = _loss(q_emb, c_emb[:n_pairs], negatives, train, teacher_emb)
     engine.backward(loss)
     engine.step()  # DeepSpeed updates only at an accumulation boundary
     return loss.detach(), accuracy
@@ -79,11 +106,11 @@ def mini_batch_bounds(pairs: int, mini_batch_size: int) -> list[tuple[int, int]]
     return [(start, min(start + mini_batch_size, pairs)) for start in range(0, pairs, mini_batch_size)]
 
 
-def cached_step(engine, batch, chunks, train: TrainConfig, seed: int):
+def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=None):
     pairs, has_negatives = len(batch.queries), batch.hard_negatives is not None
     bounds = mini_batch_bounds(pairs, train.mini_batch_size)
-    # 1. Embeddings without a graph, mini-batch by mini-batch.
-    q_parts, p_parts, n_parts = [], [], []
+    # 1. Embeddings without a graph, mini-batch by mini-batch (and the teacher's, if any).
+    q_parts, p_parts, n_parts, teacher_parts = [], [], [], []
     with torch.no_grad():
         for index, (queries, candidates) in enumerate(chunks):
             torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
@@ -92,13 +119,18 @@ def cached_step(engine, batch, chunks, train: TrainConfig, seed: int):
             q_parts.append(q)
             p_parts.append(c[:size])
             n_parts.append(c[size:])
+            if teacher is not None:
+                t_q, t_c = _teacher_embed(teacher, queries, candidates)
+                teacher_parts.append((t_q, t_c[:size]))
     # 2. The loss over the (gathered) global batch and its gradient w.r.t. this worker's embeddings;
     #    the gather's backward hands each worker the gradient of every worker's queries on its candidates.
     q_all = torch.cat(q_parts).requires_grad_()
     p_all = torch.cat(p_parts).requires_grad_()
     n_all = torch.cat(n_parts).requires_grad_() if has_negatives else None
-    loss, accuracy = info_nce_loss(q_all, p_all, n_all, temperature=train.temperature,
-                                   symmetric=train.symmetric_loss)
+    teacher_emb = None
+    if teacher_parts:
+        teacher_emb = (torch.cat([q for q, _ in teacher_parts]), torch.cat([p for _, p in teacher_parts]))
+    loss, accuracy = _loss(q_all, p_all, n_all, train, teacher_emb)
     loss.backward()
     # 3. Each mini-batch again, with a graph and the same dropout masks; its embeddings' cached
     #    gradients flow into the parameters. DeepSpeed divides by its accumulation count, which

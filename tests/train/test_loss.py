@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from raysys.train.loss import info_nce_loss
+from raysys.train.loss import info_nce_loss, similarity_distillation_loss
 
 BATCH, DIM, WORLD = 6, 16, 2
 
@@ -31,22 +31,35 @@ def embed(model, x):
     return F.normalize(model(x), dim=-1)
 
 
-def single_process(hard_negatives: bool, symmetric: bool):
+def with_distillation(loss, model, q, p, gather: bool):
+    """+ the similarity distillation toward another (frozen) encoder's embeddings of q and p."""
+    teacher = encoder(seed=2)
+    with torch.no_grad():
+        t_q, t_p = embed(teacher, q), embed(teacher, p)
+    return loss + similarity_distillation_loss(embed(model, q), embed(model, p), t_q, t_p, temperature=0.1,
+                                               gather=gather)
+
+
+def single_process(hard_negatives: bool, symmetric: bool, distill: bool = False):
     q, p, n = make_inputs()
     model = encoder()
     loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
                             temperature=0.05, symmetric=symmetric, gather=False)
+    if distill:
+        loss = with_distillation(loss, model, q, p, gather=False)
     loss.backward()
     return loss.item(), model.weight.grad.clone()
 
 
-def _worker(rank, port, hard_negatives, symmetric, out_dir):
+def _worker(rank, port, hard_negatives, symmetric, distill, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     q, p, n = (t[rank * BATCH:(rank + 1) * BATCH] for t in make_inputs())
     model = encoder()
     loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
                             temperature=0.05, symmetric=symmetric)
+    if distill:
+        loss = with_distillation(loss, model, q, p, gather=True)
     loss.backward()
     grad = model.weight.grad.clone()
     dist.all_reduce(grad)  # what DeepSpeed/DDP do: average gradients over workers
@@ -65,12 +78,13 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("hard_negatives,symmetric", [(False, False), (True, False), (True, True)])
-def test_two_workers_equal_one_process_on_the_concatenated_batch(hard_negatives, symmetric, tmp_path):
+@pytest.mark.parametrize("hard_negatives,symmetric,distill", [(False, False, False), (True, False, False),
+                                                              (True, True, False), (True, False, True)])
+def test_two_workers_equal_one_process_on_the_concatenated_batch(hard_negatives, symmetric, distill, tmp_path):
     # Results come back through files: an mp.Manager() would fork this process, and forking a
     # process that holds Ray's gRPC clients (the suite's `ray_local`) leaves them hung.
-    mp.spawn(_worker, args=(free_port(), hard_negatives, symmetric, str(tmp_path)), nprocs=WORLD, join=True)
-    ref_loss, ref_grad = single_process(hard_negatives, symmetric)
+    mp.spawn(_worker, args=(free_port(), hard_negatives, symmetric, distill, str(tmp_path)), nprocs=WORLD, join=True)
+    ref_loss, ref_grad = single_process(hard_negatives, symmetric, distill)
     for rank in range(WORLD):
         loss, grad = torch.load(tmp_path / f"rank{rank}.pt")
         assert loss == pytest.approx(ref_loss, rel=1e-5)
@@ -84,3 +98,22 @@ def test_hard_negatives_are_negatives_not_targets():
     base, _ = info_nce_loss(q, p, F.normalize(torch.randn(4, DIM), dim=-1), gather=False)
     confusing, _ = info_nce_loss(q, p, q.clone(), gather=False)
     assert confusing > base
+
+
+def test_similarity_distillation_is_kl_from_the_teacher_and_pulls_the_student_towards_it():
+    q, p, _ = make_inputs(3)
+    teacher_q, teacher_p = F.normalize(q, dim=-1), F.normalize(p, dim=-1)
+    assert similarity_distillation_loss(teacher_q, teacher_p, teacher_q, teacher_p, gather=False).item() == \
+        pytest.approx(0.0, abs=1e-6)
+    student_q = F.normalize(torch.randn(q.shape, generator=torch.Generator().manual_seed(4)), dim=-1).requires_grad_()
+    frozen_q = teacher_q.clone().requires_grad_()
+    loss = similarity_distillation_loss(student_q, teacher_p, frozen_q, teacher_p, temperature=0.1, gather=False)
+    # KL(teacher || student) written out: sum_j t_j (log t_j - log s_j), mean over queries.
+    t = torch.softmax(teacher_q @ teacher_p.T / 0.1, dim=1)
+    s = torch.softmax(student_q.detach() @ teacher_p.T / 0.1, dim=1)
+    assert loss.item() == pytest.approx((t * (t.log() - s.log())).sum(1).mean().item(), rel=1e-5)
+    loss.backward()
+    assert frozen_q.grad is None  # the teacher's side carries no gradient
+    stepped = (student_q - 0.05 * student_q.grad).detach()
+    assert similarity_distillation_loss(stepped, teacher_p, teacher_q, teacher_p, temperature=0.1,
+                                        gather=False).item() < loss.item()

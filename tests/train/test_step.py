@@ -19,12 +19,12 @@ TEXTS = ["the cat sat", "ein Hund lief", "le train part", "el sol brilla", "il m
          "de boom groeit", "ett hus stod", "a red door", "eine alte Uhr", "un petit pont", "una casa fría"]
 
 
-def hybrid_batch(rank: int, world: int, global_batch: int, step: int):
+def hybrid_batch(rank: int, world: int, global_batch: int, step: int, kind: str = "mono"):
     """This rank's share of a deterministic global batch with hard negatives."""
     local = global_batch // world
     ids = [(step * global_batch + rank * local + i) % len(TEXTS) for i in range(local)]
     return SimpleNamespace(queries=[f"q {TEXTS[i]}" for i in ids], passages=[TEXTS[i] for i in ids],
-                           hard_negatives=[TEXTS[(i + 5) % len(TEXTS)] for i in ids])
+                           hard_negatives=[TEXTS[(i + 5) % len(TEXTS)] for i in ids], plan=SimpleNamespace(kind=kind))
 
 
 def engine_for(model_dir: str, train, world: int, dropout: bool):
@@ -66,6 +66,12 @@ def _worker(rank, world, port, model_dir, overrides, out_dir):
     from raysys.train.step import train_step
 
     dropout = overrides.pop("dropout", False)
+    kind, teacher_dir = overrides.pop("kind", "mono"), overrides.pop("teacher_dir", None)
+    teacher = None
+    if teacher_dir:
+        from raysys.model.encoder import BiEncoder
+
+        teacher = BiEncoder.from_pretrained(teacher_dir).eval().requires_grad_(False)
     updates = {}
     for arm, mini in (("plain", None), ("cached", overrides.pop("mini_batch_size"))):
         train = TrainConfig(**overrides, mini_batch_size=mini, num_workers=world)
@@ -73,8 +79,8 @@ def _worker(rank, world, port, model_dir, overrides, out_dir):
         before = full_parameters(engine)
         losses = []
         for step in range(train.gradient_accumulation_steps):  # one optimizer update
-            batch = hybrid_batch(rank, world, train.global_batch_size, step)
-            loss, _ = train_step(engine, batch, train, seed=1234 + step * 1009 + rank)
+            batch = hybrid_batch(rank, world, train.global_batch_size, step, kind)
+            loss, _ = train_step(engine, batch, train, seed=1234 + step * 1009 + rank, teacher=teacher)
             losses.append(float(loss))
         after = full_parameters(engine)
         updates[arm] = {name: (after[name] - before[name]).flatten().tolist() for name in before}
@@ -116,6 +122,27 @@ def test_dropout_is_replayed_in_the_graph_pass(tiny_model_dir, tmp_path):
     updates = run_both_arms(tiny_model_dir, tmp_path, 1, global_batch_size=6, mini_batch_size=6, dropout=True,
                             zero_stage=0, gradient_clipping=0.0, precision="fp32")
     assert_same_update(updates)
+
+
+def test_distillation_toward_a_teacher_in_both_steps_and_on_monolingual_batches_only(tiny_model_dir, tmp_path):
+    """With a teacher (another tiny model) the cached update still equals the plain one, and the
+    term changes it on a monolingual batch; on a cross-lingual batch the teacher is not used."""
+    from tests.tiny_model import build_tiny_model
+
+    teacher = str(build_tiny_model(tmp_path / "teacher", seed=1))
+    # One worker keeps it short: the cross-worker gather of the term is checked in test_loss.py.
+    common = dict(global_batch_size=6, mini_batch_size=4, zero_stage=0, gradient_clipping=0.0, precision="fp32")
+    runs = {}
+    for name, extra in (("mono", dict(kind="mono", teacher_dir=teacher, distill_weight=2.0)),
+                        ("mono_without", dict(kind="mono")),
+                        ("cross", dict(kind="cross", teacher_dir=teacher, distill_weight=2.0)),
+                        ("cross_without", dict(kind="cross"))):
+        (tmp_path / name).mkdir()
+        runs[name] = run_both_arms(tiny_model_dir, tmp_path / name, 1, **common, **extra)
+    assert_same_update(runs["mono"])
+    flat = {name: torch.cat([torch.tensor(v) for v in run["plain"].values()]) for name, run in runs.items()}
+    assert (flat["mono"] - flat["mono_without"]).norm() > 1e-3 * flat["mono_without"].norm()
+    assert torch.equal(flat["cross"], flat["cross_without"])
 
 
 def _export_worker(rank, world, port, model_dir, out_dir):

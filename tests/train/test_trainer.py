@@ -97,10 +97,11 @@ def test_resume_continues_the_same_batch_schedule(ray_local, tmp_path, tiny_mode
 
 def test_accumulation_zero2_resume(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
     """Optimizer steps accumulate 2 hybrid batches, each under gradient caching (mini-batches of 2
-    of a worker's 4 pairs); a ZeRO-2 checkpoint reloads into the engine and the resumed run
-    repeats the uninterrupted one micro-step for micro-step."""
+    of a worker's 4 pairs), with the regulariser toward the initial model on; a ZeRO-2 checkpoint
+    reloads into the engine and the resumed run repeats the uninterrupted one micro-step for
+    micro-step (its teacher is the initial model again, not the checkpoint)."""
     common = dict(max_steps=4, checkpoint_every=2, eval_every=2, gradient_accumulation_steps=2, zero_stage=2,
-                  keep_checkpoints=5, mini_batch_size=2)
+                  keep_checkpoints=5, mini_batch_size=2, distill_weight=0.5)
     full = train(tiny_config(tmp_path / "full", tiny_model_dir, "acc", **common))
     full_state = state_of(Path(full.checkpoint_path))
     assert full_state["global_step"] == 4 and full.metrics["step"] == 4
