@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import datetime as dt
-import json
 import os
 import platform
 import shlex
@@ -32,6 +31,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.results_file import emit  # noqa: E402
 
 
 def main() -> None:
@@ -98,10 +99,7 @@ def main() -> None:
                                   + (med["score_actors"] - med["score_in_process"]),
         "same_summary_in_process_and_actors": all(checks),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

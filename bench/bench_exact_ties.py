@@ -21,7 +21,6 @@ import argparse
 import atexit
 import datetime as dt
 import importlib.util
-import json
 import os
 import platform
 import shlex
@@ -34,6 +33,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from bench.results_file import emit  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -124,10 +125,7 @@ def main() -> None:
         "candidates_within_margin_per_relevant_pair": float(near),
         "queries_whose_ranks_differ": differing,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

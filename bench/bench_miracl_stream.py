@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from bench.results_file import emit  # noqa: E402
+
 OLD_COMMIT = "112a300"  # the last commit whose driver read the MIRACL corpus into a dict
 
 CHILD = """
@@ -114,10 +116,7 @@ def main() -> None:
                   "eval.max_length": 32, "topics": 500, "passage_chars": "~500", "languages": 1},
         "runs": runs,
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
