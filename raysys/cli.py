@@ -169,9 +169,10 @@ def cmd_tune(args) -> None:
 
 def cmd_reproduce(args) -> None:
     config = _config(args)
-    from raysys.tune.reproduce import reproduce
+    from raysys.tune.reproduce import reproduce, select_arms
 
-    reproduce(config, seeds=args.seeds, eval_datasets=args.datasets, reuse_finished=not args.retrain)
+    reproduce(config, seeds=args.seeds, eval_datasets=args.datasets, arms=select_arms(args.arms),
+              reuse_finished=not args.retrain)
 
 
 def cmd_demo(args) -> None:
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int_or_override, nargs="+", default=[0, 1, 2], action=ListThenOverrides)
     p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
                    help="held-out LAReQA-format datasets to evaluate on")
+    p.add_argument("--arms", nargs="+", action=ListThenOverrides,
+                   help="train only these: x-x-mono (alpha = 1), x-y (alpha = 0), hybrid (alpha = 0.5); default all "
+                        "three (the untrained model is always evaluated; a rerun with more arms reuses these runs)")
     p.add_argument("--retrain", action="store_true",
                    help="train every run again (default: reuse runs that already finished with the same config)")
     p = add("demo", cmd_demo, "the default job: build model, train alpha=0.5, evaluate before/after")

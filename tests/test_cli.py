@@ -27,6 +27,8 @@ def test_seeds_and_datasets_of_reproduce_leave_overrides_alone():
                             "eval.split=all")
     assert args.seeds == [0, 1] and args.datasets == ["xquad-r"]
     assert overrides == ["train.max_steps=3", "eval.split=all"]
+    args, overrides = parse("reproduce", "--arms", "hybrid", "x-y", "train.distill_weight=1")
+    assert args.arms == ["hybrid", "x-y"] and overrides == ["train.distill_weight=1"]
     with pytest.raises(SystemExit):
         parse("reproduce", "--seeds", "zero")
 

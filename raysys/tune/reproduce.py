@@ -33,6 +33,16 @@ from raysys.train.run import run_model, storage_dir
 
 ARMS = {"X-X-mono (alpha=1)": 1.0, "X-Y (alpha=0)": 0.0, "hybrid (alpha=0.5)": 0.5}
 HYBRID = "hybrid (alpha=0.5)"
+ARM_NAMES = dict(zip(("x-x-mono", "x-y", "hybrid"), ARMS))  # `raysys reproduce --arms hybrid x-y`
+
+
+def select_arms(names: list[str] | None) -> dict[str, float]:
+    """The arms named on the command line, in the table's order (all three when none are named)."""
+    unknown = [n for n in names or [] if n not in ARM_NAMES]
+    if unknown:
+        raise ConfigError(f"unknown arm {unknown[0]!r}", field="--arms", hint=f"choose from {', '.join(ARM_NAMES)}")
+    wanted = {ARM_NAMES[n] for n in names} if names else set(ARMS)
+    return {label: alpha for label, alpha in ARMS.items() if label in wanted}
 
 
 # Settings that do not change what a run learns: a finished run that differs only in these is reused

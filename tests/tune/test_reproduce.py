@@ -6,7 +6,8 @@ import pytest
 
 import raysys.tune.reproduce as reproduce_module
 from raysys.config import Config
-from raysys.tune.reproduce import ARMS, HYBRID, reproduce
+from raysys.errors import ConfigError
+from raysys.tune.reproduce import ARMS, HYBRID, reproduce, select_arms
 from tests.conftest import XQUAD_R_DIR
 
 pytestmark = pytest.mark.timeout(900)
@@ -49,6 +50,11 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
     again = reproduce(config, seeds=[0])
     for label, by_dataset in result["summaries"].items():
         assert again["summaries"][label][dataset]["summary"] == by_dataset[dataset]["summary"]
+    # `--arms hybrid`: only that arm (reused), compared with the untrained model alone.
+    hybrid_only = reproduce(config, seeds=[0], arms=select_arms(["hybrid"]))
+    assert set(hybrid_only["summaries"]) == {"untrained", HYBRID}
+    assert set(hybrid_only["bootstrap"]) == {f"{HYBRID} vs untrained"}
+    assert hybrid_only["summaries"][HYBRID] == result["summaries"][HYBRID]
     # ...but only runs whose learned settings match: another lr or seed is a different run.
     hybrid = config.to_dict()
     hybrid.update(name="repro-alpha0.5-seed0", seed=0)
@@ -67,3 +73,10 @@ def test_reproduce_refuses_miracl_datasets_before_training(tmp_path):
         reproduce(Config.from_yaml(None, [f"output_dir={tmp_path}"]), seeds=[0], eval_datasets=[f"miracl:{tmp_path}"])
     assert "eval.datasets" in str(info.value)
     assert not (tmp_path / "raysys-reproduce").exists()  # nothing trained or written
+
+
+def test_select_arms_keeps_the_table_order_and_names_an_unknown_arm():
+    assert list(select_arms(["hybrid", "x-x-mono"])) == [label for label in ARMS if label != "X-Y (alpha=0)"]
+    assert select_arms(None) == ARMS
+    with pytest.raises(ConfigError, match="unknown arm 'mono'"):
+        select_arms(["hybrid", "mono"])
