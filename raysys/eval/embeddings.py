@@ -11,6 +11,8 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import pyarrow as pa
+
 from raysys import storage
 from raysys.config import Config
 from raysys.eval.encode import encode_sets
@@ -49,6 +51,20 @@ def embeddings_key(model_path: str, settings: EncoderSettings, config: Config, *
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
+def texts_digest(*columns: pa.ChunkedArray | pa.Array) -> str:
+    """A digest of text columns' contents (their Arrow buffers, in order), for the cache key: a
+    dataset edited in place (same name, same number of rows, other words) is encoded again, never
+    answered from stale embeddings."""
+    digest = hashlib.blake2b(digest_size=16)
+    for column in columns:
+        for chunk in getattr(column, "chunks", [column]):
+            for buffer in chunk.buffers():
+                if buffer is not None:
+                    digest.update(buffer)
+        digest.update(b"\x00")
+    return digest.hexdigest()
+
+
 def embeddings_dir(work_dir: str | os.PathLike, leaf: str, config: Config) -> str:
     """Where the embedding files go: the work directory on one node; on a multi-node cluster the
     run's storage (train.storage_path: s3://, gs:// or NFS), which the encoder actors that write
@@ -68,14 +84,8 @@ def encode_cached(sets: dict[str, tuple[list[str], str]], model_path: str, confi
                   settings: EncoderSettings | None = None) -> dict[str, list[tuple[str, int]]]:
     """encode_sets with the evaluation's encoder settings and resources, into the embeddings
     directory `<label>-<key>` (`data_key` names the data): a finished set is not encoded again."""
-    settings = settings or encoder_settings(config)
-    key = embeddings_key(model_path, settings, config, *data_key)
-    ensure_ray()
-    e = config.eval
-    return encode_sets(sets, model_path=model_path, settings=settings,
-                       out_dir=embeddings_dir(work_dir, f"{label}-{key}", config), batch_tokens=e.batch_tokens,
-                       fast_path=e.fast_path, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
-                       threads=encoder_threads(e), progress=progress)
+    return encode_sets(sets, progress=progress, **_cached_encoding(model_path, config, work_dir, label, data_key,
+                                                                     settings))
 
 
 def encode_corpus_cached(source: str, model_path: str, config: Config, work_dir: str | os.PathLike, label: str,
@@ -84,14 +94,22 @@ def encode_corpus_cached(source: str, model_path: str, config: Config, work_dir:
     the driver) with the evaluation's settings, into the embeddings directory `<label>-<key>`."""
     from raysys.eval.corpus_stream import encode_corpus
 
-    settings = encoder_settings(config)
+    return encode_corpus(source, name="corpus", progress=progress, display=display,
+                         **_cached_encoding(model_path, config, work_dir, label, data_key))
+
+
+def _cached_encoding(model_path: str, config: Config, work_dir: str | os.PathLike, label: str, data_key: list[str],
+                     settings: EncoderSettings | None = None) -> dict:
+    """The encoder arguments both cached encodings share: the model, its settings, the encoder
+    resources, and the embeddings directory keyed by all of them and the data."""
+    settings = settings or encoder_settings(config)
     key = embeddings_key(model_path, settings, config, *data_key)
     ensure_ray()
     e = config.eval
-    return encode_corpus(source, name="corpus", model_path=model_path, settings=settings,
-                         out_dir=embeddings_dir(work_dir, f"{label}-{key}", config), batch_tokens=e.batch_tokens,
-                         fast_path=e.fast_path, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
-                         threads=encoder_threads(e), progress=progress, display=display)
+    return dict(model_path=model_path, settings=settings,
+                out_dir=embeddings_dir(work_dir, f"{label}-{key}", config), batch_tokens=e.batch_tokens,
+                fast_path=e.fast_path, num_encoders=e.num_encoders, use_gpu=config.train.use_gpu,
+                threads=encoder_threads(e))
 
 
 def shard_plan(config: Config, candidates: int) -> dict:

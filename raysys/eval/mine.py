@@ -13,7 +13,6 @@ whole input as having no hard negatives only if any row lacks one; see docs/trai
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from collections import defaultdict
@@ -35,7 +34,7 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
                         range_min: int = 0, range_max: int = 50, relative_margin: float = 0.05,
                         progress: bool = True) -> tuple[pa.Table, dict]:
     """`pairs` (PAIR_SCHEMA rows) with `hard_negative` mined; and a small summary."""
-    from raysys.eval.embeddings import encode_cached, shard_plan
+    from raysys.eval.embeddings import encode_cached, shard_plan, texts_digest
 
     if not 0 <= range_min < range_max:
         raise ConfigError(f"range_min {range_min} and range_max {range_max} leave no rank to mine from",
@@ -94,18 +93,6 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
                "median_rank": float(np.median(chosen_ranks)) if chosen_ranks else None,
                "range_min": range_min, "range_max": range_max, "relative_margin": relative_margin}
     return mined, summary
-
-
-def texts_digest(*columns: pa.ChunkedArray) -> str:
-    """A digest of text columns' contents (their Arrow buffers, in order)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for column in columns:
-        for chunk in column.chunks:
-            for buffer in chunk.buffers():
-                if buffer is not None:
-                    digest.update(buffer)
-        digest.update(b"\x00")
-    return digest.hexdigest()
 
 
 def write_pairs(table: pa.Table, out: str) -> str:

@@ -24,7 +24,7 @@ from raysys.eval.pairs_corpus import is_pairs_input, pairs_eval_corpus, read_pai
 from raysys.data.prepare import DATASETS, resolve_dataset
 from raysys.data.split import resolve_split_rule, split_names
 from raysys.errors import ConfigError
-from raysys.eval.embeddings import encode_cached, encode_corpus_cached, shard_plan
+from raysys.eval.embeddings import encode_cached, encode_corpus_cached, shard_plan, texts_digest
 from raysys.eval.lareqa import evaluate_lareqa_stored
 from raysys.eval.ranking import balanced_bounds, open_shards, search_stored_queries
 from raysys.model.default import resolve_model_path
@@ -70,9 +70,9 @@ def evaluate_lareqa_dataset(model_path: str, name: str, config: Config, work_dir
     texts_q = corpus.questions.column("text").to_pylist()
     texts_c = corpus.candidates.column("text").to_pylist()
     split = resolve_split(resolve_dataset(name, config.data.source_dir), config)
+    digest = texts_digest(corpus.questions.column("text"), corpus.candidates.column("text"))
     files = encode_cached({"queries": (texts_q, "query"), "candidates": (texts_c, "passage")}, model_path, config,
-                          work_dir, Path(str(name)).name, [str(name), split, str(len(texts_q)), str(len(texts_c))],
-                          progress)
+                          work_dir, Path(str(name)).name, [str(name), split, digest], progress)
     # Index-shard actors load the candidate files; the driver only streams the query files.
     return evaluate_lareqa_stored(corpus, files["queries"], files["candidates"], top_k=config.eval.top_k,
                                   **shard_plan(config, len(texts_c)))
@@ -105,8 +105,9 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
                                             [str(corpus.resolve()), str(stat.st_size), str(stat.st_mtime_ns)], progress,
                                             display=str(corpus))
         qids = list(topics)
-        files = encode_cached({"topics": ([topics[q] for q in qids], "query")}, model_path, config, work_dir,
-                              f"miracl-{lang}-topics", [str(root), lang, str(len(qids))], progress)
+        texts = [topics[q] for q in qids]
+        files = encode_cached({"topics": (texts, "query")}, model_path, config, work_dir,
+                              f"miracl-{lang}-topics", [str(root), lang, texts_digest(pa.array(qids, pa.string()), pa.array(texts, pa.string()))], progress)
         num_docs = sum(n for _, n in corpus_files)
         depth, plan = min(max(100, e.top_k), num_docs), shard_plan(config, num_docs)
         if e.ann_index:  # approximate top-k, with its recall against exact search reported

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import replace
 
 from raysys.config import Config
-from raysys.eval.embeddings import embeddings_dir, embeddings_key, encoder_settings, encoding_mode
+import pyarrow as pa
+
+from raysys.eval.embeddings import embeddings_dir, embeddings_key, encoder_settings, encoding_mode, texts_digest
 
 
 def test_embedding_cache_key_records_device_and_precision():
@@ -36,3 +38,14 @@ def test_embeddings_stay_in_the_work_directory_on_one_node(tmp_path):
     config = Config.from_yaml(None, [])
     assert embeddings_dir(tmp_path / "work", "xquad-r-abc", config) == str(tmp_path / "work" / "embeddings" / "xquad-r-abc")
     assert embeddings_dir("s3://bucket/eval", "x", config) == "s3://bucket/eval/embeddings/x"
+
+
+def test_the_texts_digest_changes_with_any_word_and_with_where_a_text_ends():
+    def digest(*lists):
+        return texts_digest(*(pa.chunked_array([pa.array(texts, pa.string())]) for texts in lists))
+
+    base = digest(["what is a cat", "wer ist das"], ["a cat is an animal"])
+    assert base == digest(["what is a cat", "wer ist das"], ["a cat is an animal"])
+    assert base != digest(["what is a dog", "wer ist das"], ["a cat is an animal"])  # same count, other words
+    assert digest(["ab", "c"]) != digest(["a", "bc"])
+    assert digest(["ab"], ["c"]) != digest(["ab", "c"])

@@ -34,6 +34,12 @@ def test_lareqa_and_miracl_datasets(ray_local, tmp_path, tiny_model_dir):
     mtimes = [p.stat().st_mtime_ns for p in shards]
     again = evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work", progress=False)
     assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    # a topics file edited in place (same topic ids, other words) is encoded again, not answered from the cache
+    topics = miracl / "de" / "topics.tsv"
+    topics.write_text(topics.read_text(encoding="utf-8").replace("topic", "subject"), encoding="utf-8")
+    evaluate(str(tiny_model_dir), [f"miracl:{miracl}"], config, tmp_path / "work", progress=False)
+    assert len(list((tmp_path / "work" / "embeddings").glob("miracl-de-topics-*"))) == 2
+    assert len(list((tmp_path / "work" / "embeddings").glob("miracl-en-topics-*"))) == 1
     # determinism: encoding from scratch in another work dir gives the same metrics
     fresh = evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work2", progress=False)
     for setting in ("monolingual", "cross_lingual", "multilingual"):
