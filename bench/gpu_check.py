@@ -13,6 +13,8 @@ Checks (each reported pass / fail / unavailable, the run goes on after a failure
                 and the opt-in bf16 fast path) texts/s, and its embeddings against a plain fp32
                 encoding (cosine).
 5. faiss     -- faiss-gpu: GpuIndexFlatIP top-10 on 1M x 384 vectors equals the CPU index's.
+6. index_shards -- `raysys.eval.shards.IndexShard` on the GPU (FAISS GPU top-k, torch float64 counts)
+                with fp32 and fp16 storage: its counts (the exact ranks) equal the CPU shard's.
 Output: one JSON (stdout and --out). No Ray is needed (the device machines have none).
 
 On the device machine (python3 holds CUDA torch, transformers, tokenizers; no DeepSpeed, Ray or
@@ -246,6 +248,43 @@ def check_faiss(args) -> dict:
     return {"vectors": len(base), "queries_per_s": round(len(queries) / seconds), "top10_agreement_with_cpu": agreement}
 
 
+def check_index_shards(args) -> dict:
+    """raysys's index shard on the GPU (FAISS GPU top-k, torch float64 counts), fp32 and fp16
+    storage, against the same shard on the CPU: the counts (exact ranks) must be equal; the top-k
+    ids are compared (FAISS GPU keeps another member of a tie at the cut)."""
+    import faiss
+    import numpy as np
+
+    from raysys.eval.shards import IndexShard
+
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise ModuleNotFoundError("faiss is installed without GPU support (faiss-cpu)")
+    rng = np.random.default_rng(1)
+    n = min(args.faiss_vectors, 200_000)
+    vectors = rng.standard_normal((n, 384), dtype=np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    relevant = rng.integers(0, n, size=(512, 3))
+    queries = vectors[relevant[:, 0]] + 0.05 * rng.standard_normal((512, 384), dtype=np.float32)
+    out = {"vectors": n, "queries": len(queries)}
+    for dtype in ("fp32", "fp16"):
+        answers = {}
+        for device in ("cpu", "gpu"):
+            shard = IndexShard(0, vectors=vectors, use_gpu=device == "gpu", storage_dtype=dtype)
+            rows = np.repeat(np.arange(len(queries)), relevant.shape[1])
+            scores, groups, norms = shard.relevant_scores(queries, rows, relevant.reshape(-1))
+            shape = relevant.shape
+            start = time.perf_counter()
+            answers[device] = shard.search_and_count(queries, scores.reshape(shape), relevant, groups.reshape(shape),
+                                                     norms.reshape(shape), 10)
+            answers[device]["seconds"] = time.perf_counter() - start
+        cpu, gpu = answers["cpu"], answers["gpu"]
+        for name in ("above", "tied", "above_group", "tied_group"):
+            assert np.array_equal(cpu[name], gpu[name]), f"{dtype}: GPU counts '{name}' differ from the CPU's"
+        out[dtype] = {"counts_equal": True, "top10_agreement": float((cpu["ids"] == gpu["ids"]).mean()),
+                      "gpu_seconds": round(gpu["seconds"], 3), "cpu_seconds": round(cpu["seconds"], 3)}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -277,6 +316,7 @@ def main() -> None:
         check("export", results, lambda: check_export(shared))
         check("encode", results, lambda: check_encode(path, device, args))
         check("faiss", results, lambda: check_faiss(args))
+        check("index_shards", results, lambda: check_index_shards(args))
     dist.destroy_process_group()
     text = json.dumps(results, indent=1)
     print(text)

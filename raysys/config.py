@@ -142,6 +142,9 @@ class EvalConfig:
     fast_path: str | None = None
     num_encoders: int = 1  # Ray Data actor-pool size
     num_shards: int = 2  # FAISS index shards
+    # How the index shards store the candidates: fp32 (as encoded) | fp16 (half the shard memory,
+    # CPU and GPU; ranks are then exact for the fp16-rounded candidates, and the report says so).
+    index_dtype: str = "fp32"
     # Pools up to this many candidates are scored by the same shards inside the driver's process
     # when Ray runs on one node without GPU shards (no actor start-up; XQuAD-R: 13k); larger
     # pools, multi-node clusters and GPU shards use index-shard actors. 0: always actors.
@@ -325,6 +328,11 @@ class Config:
                 raise fail(f"eval.{key}", f"{getattr(e, key)} is below 1", "use a positive integer")
         if e.fast_path not in (None, "bf16", "int8"):
             raise fail("eval.fast_path", f"unknown fast path {e.fast_path!r}", "use bf16, int8 or null (exact fp32)")
+        if e.index_dtype not in ("fp32", "fp16"):
+            raise fail("eval.index_dtype", f"unknown storage {e.index_dtype!r}", "use fp32 or fp16")
+        if e.index_dtype == "fp16" and e.ann_index:
+            raise fail("eval.index_dtype", "fp16 applies to the exact shards, not to eval.ann_index",
+                       "name the approximate index's storage in eval.ann_index, e.g. 'IVF4096,SQfp16'")
         for alpha in self.tune.alphas:
             if not 0.0 <= alpha <= 1.0:
                 raise fail("tune.alphas", f"alpha {alpha} is outside [0, 1]", "every alpha must lie in [0, 1]")

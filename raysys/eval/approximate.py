@@ -37,7 +37,9 @@ class ApproximateShard:
 
     def __init__(self, first_id: int, *, parts: list[tuple[str, int, int]], ann: str, ann_params: str | None = None,
                  groups: np.ndarray | None = None, use_gpu: bool = False, threads: int | None = None,
-                 train_rows: int = ANN_TRAIN_ROWS, seed: int = 0):
+                 train_rows: int = ANN_TRAIN_ROWS, seed: int = 0, storage_dtype: str = "fp32"):
+        if storage_dtype != "fp32":  # the index_factory string names an approximate index's storage
+            raise ValueError(f"storage_dtype={storage_dtype!r} applies to exact shards; name it in eval.ann_index")
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.first_id, self.parts = int(first_id), list(parts)

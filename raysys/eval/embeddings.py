@@ -119,7 +119,7 @@ def shard_plan(config: Config, candidates: int) -> dict:
     use_gpu, cpus = _shard_resources(e, config.train.use_gpu)
     in_process = not use_gpu and candidates <= e.in_process_max_candidates and not is_multi_node()
     return {"num_shards": min(e.num_shards, candidates), "use_gpu": use_gpu, "cpus_per_shard": cpus,
-            "in_process": in_process}
+            "in_process": in_process, "storage_dtype": e.index_dtype}
 
 
 def _shard_resources(e, use_gpu: bool) -> tuple[bool, int]:

@@ -40,18 +40,23 @@ def evaluate_lareqa(corpus: LareqaCorpus, query_emb: np.ndarray, cand_emb: np.nd
 def evaluate_lareqa_stored(corpus: LareqaCorpus, query_files: Sequence[tuple[str, int]],
                            cand_files: Sequence[tuple[str, int]], *, num_shards: int = 1, top_k: int = 100,
                            chunk_size: int = 512, use_gpu: bool = False, cpus_per_shard: int = 1,
-                           shard_bounds: Sequence[int] | None = None, in_process: bool = False) -> dict:
+                           shard_bounds: Sequence[int] | None = None, in_process: bool = False,
+                           storage_dtype: str = "fp32") -> dict:
     """Embeddings in storage [(uri, rows)] (`raysys.eval.encode.encode_to_storage`): one Ray actor
     per index shard loads its candidate range (`in_process`: the same shards in this process, for
-    small pools); the driver streams the query files block by block."""
+    small pools); the driver streams the query files block by block. storage_dtype="fp16": the
+    shards keep the candidates in half precision, and the result records it (`index_dtype`)."""
     total = sum(n for _, n in cand_files)
     bounds = balanced_bounds(total, num_shards) if shard_bounds is None else shard_bounds
     shards = open_shards(cand_files, bounds, _candidate_groups(corpus), use_gpu=use_gpu,
-                         cpus_per_shard=cpus_per_shard, in_process=in_process)
+                         cpus_per_shard=cpus_per_shard, in_process=in_process, storage_dtype=storage_dtype)
     try:
-        return _evaluate(corpus, shards, stored_blocks(query_files, chunk_size), top_k)
+        result = _evaluate(corpus, shards, stored_blocks(query_files, chunk_size), top_k)
     finally:
         shards.close()
+    if storage_dtype != "fp32":
+        result["index_dtype"] = storage_dtype  # not the fp32 figures: said in metrics.json and summary.md
+    return result
 
 
 def _candidate_groups(corpus: LareqaCorpus) -> np.ndarray:

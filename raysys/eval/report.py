@@ -25,7 +25,7 @@ from raysys import storage
 SETTINGS = ("monolingual", "cross_lingual", "multilingual")
 SHORT = {"monolingual": "Mono", "cross_lingual": "Cross", "multilingual": "Multi"}
 JSON_KEYS = ("summary", "pairs", "multilingual_per_language", "per_language",  # per_query/top_k are raw arrays
-             "approximate_search")
+             "approximate_search", "index_dtype")
 
 
 def is_lareqa(result: dict) -> bool:
@@ -63,7 +63,7 @@ def format_summary_table(results: dict[str, dict]) -> str:
     MIRACL-style: each IR metric per language and the macro mean."""
     main = [["Dataset", "Mono mAP", "Cross mAP", "Multi mAP", "Rank dist."]]
     recall = [["Dataset"] + [f"{SHORT[s]} R@{k}" for s in SETTINGS for k in (1, 10)]]
-    tables = []
+    tables, notes = [], []
     for name, result in results.items():
         s = result["summary"]
         if not is_lareqa(result):
@@ -72,18 +72,27 @@ def format_summary_table(results: dict[str, dict]) -> str:
             rows += [[name, lang] + [_fmt(v[m]) for m in metrics] for lang, v in result["per_language"].items()]
             rows.append([name, "**mean**"] + [_fmt(s[m]) for m in metrics])
             tables.append(_md_table(rows, text_cols=2))
+            tables += _storage_note(name, result)
             for lang, ann in result.get("approximate_search", {}).items():  # never mistaken for exact
                 recalls = ", ".join(f"{key} {_fmt(v)}" for key, v in ann.items() if key.startswith("recall@"))
                 params = f" ({ann['params']})" if ann.get("params") else ""
                 tables.append(f"\n**Approximate search** ({name}, {lang}): FAISS `{ann['index']}`{params}; its "
                               f"top-k against exact search on {ann['sampled_queries']} topics: {recalls}.\n")
             continue
+        notes += _storage_note(name, result)
         main.append([name] + [_fmt(s[x]["map"]) for x in SETTINGS]
                     + [_fmt(s["multilingual"].get("rank_distance"), 1)])
         recall.append([name] + [_fmt(s[x][f"recall@{k}"]) for x in SETTINGS for k in (1, 10)])
     if len(main) > 1:
-        tables[:0] = [_md_table(main), _md_table(recall)]
+        tables[:0] = [_md_table(main), _md_table(recall), *notes]
     return "\n".join(tables)
+
+
+def _storage_note(name: str, result: dict) -> list[str]:
+    """A line under the table when the index shards did not keep fp32 candidates."""
+    dtype = result.get("index_dtype")
+    return [f"\n**Index storage** ({name}): candidates kept in {dtype} (`eval.index_dtype`); ranks are exact "
+            f"for the {dtype}-rounded candidate embeddings, not the fp32 figures.\n"] if dtype else []
 
 
 def write_comparison(runs: dict[str, dict[str, dict]], out_dir, baseline: str | None = None,

@@ -123,6 +123,8 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
         out["trec_run"][lang] = trec_run(qids, run, scores, tag=Path(model_path).name or "raysys")
     metrics = sorted(next(iter(out["per_language"].values())))
     out["summary"] = {m: float(np.mean([v[m] for v in out["per_language"].values()])) for m in metrics}
+    if e.index_dtype != "fp32":
+        out["index_dtype"] = e.index_dtype  # the top-k came from fp16-rounded passages: said in the report
     return out
 
 

@@ -37,6 +37,9 @@ except ImportError:  # faiss-cpu and faiss-gpu are extras (see raysys.eval.index
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
 COUNT_CHUNK = 16384  # candidate columns scored at once: a 512-query block x chunk float64 is 64 MB
+# How a shard stores its candidates: fp32 as encoded, or fp16 (half the memory; ranks are then
+# exact for the rounded candidates, which is not the fp32 figure: the report says which).
+STORAGE_DTYPES = ("fp32", "fp16")
 
 
 def read_embedding_file(uri: str) -> np.ndarray:
@@ -75,33 +78,40 @@ class IndexShard:
 
     def __init__(self, first_id: int, *, parts: list[tuple[str, int, int]] | None = None,
                  vectors: np.ndarray | None = None, groups: np.ndarray | None = None,
-                 use_gpu: bool = False, threads: int | None = None, count_chunk: int = COUNT_CHUNK):
+                 use_gpu: bool = False, threads: int | None = None, count_chunk: int = COUNT_CHUNK,
+                 storage_dtype: str = "fp32"):
         if (parts is None) == (vectors is None):
             raise ValueError("give exactly one of parts (stored files) or vectors (an array)")
+        if storage_dtype not in STORAGE_DTYPES:
+            raise ValueError(f"storage_dtype must be one of {', '.join(STORAGE_DTYPES)}, got {storage_dtype!r}")
         if threads:
             faiss.omp_set_num_threads(int(threads))
         self.first_id = int(first_id)
         self.count_chunk = int(count_chunk)
-        index = None
-        # Add file by file: the shard never holds a second full copy outside the FAISS index.
-        for block in ([vectors] if vectors is not None else (read_embedding_file(u)[lo:hi] for u, lo, hi in parts)):
-            block = np.ascontiguousarray(block, dtype=np.float32)
-            if block.ndim != 2 or not np.isfinite(block).all():
-                raise ValueError(f"shard at {first_id}: embeddings must be a finite [n, d] array")
-            if index is None:
-                index = faiss.IndexFlatIP(block.shape[1])
-            index.add(block)
-        if index is None or index.ntotal == 0:
-            raise ValueError(f"shard at {first_id}: no candidates")
-        self.n, self.dim = int(index.ntotal), int(index.d)
-        # A view of the index's own storage (no copy) for the exact counts.
-        self.vectors = faiss.rev_swig_ptr(index.get_xb(), self.n * self.dim).reshape(self.n, self.dim)
+        self.storage_dtype = storage_dtype
+        blocks = [vectors] if vectors is not None else (read_embedding_file(u)[lo:hi] for u, lo, hi in parts)
+        if storage_dtype == "fp16":
+            total = len(vectors) if vectors is not None else sum(hi - lo for _, lo, hi in parts)
+            index, self.vectors = None, self._fp16_storage(blocks, total)
+        else:
+            index = None
+            # Add file by file: the shard never holds a second full copy outside the FAISS index.
+            for block in blocks:
+                block = self._checked(block)
+                if index is None:
+                    index = faiss.IndexFlatIP(block.shape[1])
+                index.add(block)
+            if index is None or index.ntotal == 0:
+                raise ValueError(f"shard at {first_id}: no candidates")
+            # A view of the index's own storage (no copy) for the exact counts.
+            self.vectors = faiss.rev_swig_ptr(index.get_xb(), index.ntotal * index.d).reshape(index.ntotal, index.d)
+        self.n, self.dim = self.vectors.shape
         groups = np.zeros(self.n, np.int64) if groups is None else np.asarray(groups, np.int64).reshape(-1)
         if groups.shape[0] != self.n:
             raise ValueError(f"shard at {first_id}: {groups.shape[0]} groups for {self.n} candidates")
         self.groups = groups
         self.on_gpu = bool(use_gpu)
-        self.index = self._to_gpu(index) if self.on_gpu else index
+        self.index = self._to_gpu(index) if self.on_gpu else index  # CPU fp16: None (top-k from the counts' chunks)
         # The largest vector norm per column chunk: the error bound of its float64 GEMM scores.
         norms = np.linalg.norm(self.vectors, axis=1).astype(np.float64)
         self.chunk_norms = [float(norms[c0:c0 + self.count_chunk].max()) for c0 in range(0, self.n, self.count_chunk)]
@@ -122,8 +132,41 @@ class IndexShard:
 
         torch.backends.cuda.matmul.allow_tf32 = False  # exact fp32 products for the counts
         self._res = faiss.StandardGpuResources()
-        self.vectors = torch.from_numpy(np.array(self.vectors)).cuda()  # counts on the device
-        return faiss.index_cpu_to_gpu(self._res, 0, index)  # the CPU index is dropped by the caller
+        host = self.vectors
+        self.vectors = torch.from_numpy(np.array(host)).cuda()  # counts on the device (fp16 stays fp16)
+        if index is not None:
+            return faiss.index_cpu_to_gpu(self._res, 0, index)  # the CPU index is dropped by the caller
+        # fp16: FAISS stores the same rounded vectors in half precision (float32 in, exact).
+        config = faiss.GpuIndexFlatConfig()
+        config.useFloat16, config.device = True, 0
+        gpu_index = faiss.GpuIndexFlatIP(self._res, self.dim, config)
+        for c0 in range(0, self.n, self.count_chunk):
+            gpu_index.add(np.ascontiguousarray(host[c0:c0 + self.count_chunk], dtype=np.float32))
+        return gpu_index
+
+    def _checked(self, block: np.ndarray) -> np.ndarray:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if block.ndim != 2 or not np.isfinite(block).all():
+            raise ValueError(f"shard at {self.first_id}: embeddings must be a finite [n, d] array")
+        return block
+
+    def _fp16_storage(self, blocks, total: int) -> np.ndarray:
+        """The candidates rounded to float16, in one preallocated array (half the memory of
+        float32; never a second full copy)."""
+        storage, row = None, 0
+        for block in blocks:
+            block = self._checked(block)
+            if storage is None:
+                storage = np.empty((total, block.shape[1]), np.float16)
+            with np.errstate(over="ignore"):  # an overflow becomes inf, refused just below
+                storage[row:row + len(block)] = block
+            if not np.isfinite(storage[row:row + len(block)]).all():
+                raise ValueError(f"shard at {self.first_id}: an embedding value exceeds float16's range "
+                                 f"(|x| > 65504); use eval.index_dtype=fp32")
+            row += len(block)
+        if storage is None or row == 0:
+            raise ValueError(f"shard at {self.first_id}: no candidates")
+        return storage
 
     # -- the two questions ------------------------------------------------------------------
 
@@ -203,6 +246,12 @@ class IndexShard:
         if k <= 0:
             return np.zeros((queries.shape[0], 0), np.float32), np.zeros((queries.shape[0], 0), np.int64)
         q = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.index is None:  # fp16 storage on CPU: the exact scores' chunks, as the count pass does
+            top = (np.zeros((q.shape[0], 0), np.float32), np.zeros((q.shape[0], 0), np.int64))
+            for c0 in range(0, self.n, self.count_chunk):
+                chunk = self._scores(q, slice(c0, min(c0 + self.count_chunk, self.n))).astype(np.float32)
+                top = merge_sorted(top, chunk_top_k(chunk, k, self.first_id + c0), k)
+            return top
         wide = k
         while True:
             scores, labels = self.index.search(q, wide)
@@ -251,7 +300,8 @@ class IndexShard:
         return x if isinstance(x, np.ndarray) else x.cpu().numpy()
 
     def info(self) -> dict:
-        return {"first_id": self.first_id, "n": self.n, "dim": self.dim, "on_gpu": self.on_gpu}
+        return {"first_id": self.first_id, "n": self.n, "dim": self.dim, "on_gpu": self.on_gpu,
+                "storage_dtype": self.storage_dtype}
 
 
 def chunk_top_k(scores: np.ndarray, k: int, first_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -64,3 +64,12 @@ def test_a_bad_index_string_is_one_line_naming_the_field():
     check_ann_index("IVF8,PQ4", 16)
     with pytest.raises(ConfigError, match="below 1"):
         Config.from_yaml(None, ["eval.ann_recall_queries=0"])
+
+
+def test_fp16_storage_is_for_exact_shards_and_an_unknown_storage_is_named():
+    with pytest.raises(ConfigError) as err:
+        Config.from_yaml(None, ["eval.index_dtype=fp16", "eval.ann_index=HNSW32"])
+    assert err.value.field == "eval.index_dtype" and "SQfp16" in str(err.value)
+    with pytest.raises(ConfigError, match="unknown storage 'int4'"):
+        Config.from_yaml(None, ["eval.index_dtype=int4"])
+    assert Config.from_yaml(None, ["eval.index_dtype=fp16"]).eval.index_dtype == "fp16"

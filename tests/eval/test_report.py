@@ -120,3 +120,13 @@ def test_nan_values_become_null_and_na(runs, tmp_path):
     assert_png(tmp_path / "rank_distance_synth.png")
     write_comparison({"a": {"synth": result}, "b": runs["biased"]}, tmp_path)
     assert "n/a" in (tmp_path / "comparison.md").read_text()
+
+
+def test_fp16_index_storage_is_said_under_the_table(runs, tmp_path):
+    results = {name: dict(result) for name, result in runs["random"].items()}
+    results["synth"]["index_dtype"] = "fp16"
+    write_report(results, tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text())["synth"]["index_dtype"] == "fp16"
+    assert "index_dtype" not in json.loads((tmp_path / "metrics.json").read_text())["other"]
+    md = (tmp_path / "summary.md").read_text()
+    assert "**Index storage** (synth): candidates kept in fp16" in md and "(other)" not in md

@@ -185,7 +185,51 @@ def test_xquad_r_test_split(ray_local, xquad_r_dir, tmp_path):
 
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["actors", "in-process"])
-def test_search_stored_equals_a_brute_force_top_k(ray_local, tmp_path, in_process):
+@pytest.mark.parametrize("kind", ["ties", "random"])
+def test_fp16_storage_ranks_exactly_the_rounded_candidates(ray_local, mlqa_like, tmp_path, kind, in_process):
+    """eval.index_dtype=fp16: the shards keep half-precision candidates, and every rank, metric and
+    top-k equals the brute-force reference over those rounded candidates (fp32 queries)."""
+    rng = np.random.default_rng(3)
+    if kind == "ties":  # dyadic values: exact in fp16 too, so the tie rule is what is checked
+        q, c = tied_embeddings(mlqa_like, rng)
+    else:
+        q = rng.standard_normal((mlqa_like.questions.num_rows, 16)).astype(np.float32)
+        c = rng.standard_normal((mlqa_like.candidates.num_rows, 16)).astype(np.float32)
+    rounded = c.astype(np.float16).astype(np.float32)
+    assert (kind == "ties") == np.array_equal(rounded, c)
+    n = len(c)
+    cand_files = store(tmp_path, "candidates", c, [5, n - 5 - 9, 9])
+    query_files = store(tmp_path, "queries", q, [len(q)])
+    result = evaluate_lareqa_stored(mlqa_like, query_files, cand_files, top_k=20, chunk_size=8, shard_bounds=[0, 7, n],
+                                    in_process=in_process, storage_dtype="fp16")
+    assert_same(result, brute_force(mlqa_like, q, rounded, top_k=20))
+    assert result["index_dtype"] == "fp16"
+    if kind == "random":  # the fp32 figures are another result: the rounding is not hidden
+        fp32 = evaluate_lareqa_stored(mlqa_like, query_files, cand_files, top_k=20, shard_bounds=[0, 7, n],
+                                      in_process=True)
+        assert "index_dtype" not in fp32 and not np.array_equal(fp32["top_k"]["scores"], result["top_k"]["scores"])
+
+
+def test_an_fp16_shard_holds_half_the_bytes_and_refuses_values_beyond_its_range():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((300, 8)).astype(np.float32)
+    shard = IndexShard(100, vectors=vectors, storage_dtype="fp16", count_chunk=64)
+    assert shard.vectors.dtype == np.float16 and shard.vectors.nbytes == vectors.nbytes // 2
+    assert shard.index is None and shard.info()["storage_dtype"] == "fp16"
+    queries = rng.standard_normal((5, 8)).astype(np.float32)
+    scores, ids = shard.search(queries, 10)  # the top-k across count chunks, ties by id
+    full = (queries.astype(np.float64) @ vectors.astype(np.float16).astype(np.float64).T).astype(np.float32)
+    expected = np.stack([np.lexsort((np.arange(len(vectors)), -row))[:10] for row in full])
+    assert np.array_equal(ids, expected + 100) and np.array_equal(scores, np.take_along_axis(full, expected, 1))
+    with pytest.raises(ValueError, match="float16's range"):
+        IndexShard(0, vectors=np.full((2, 8), 1e5, np.float32), storage_dtype="fp16")
+    with pytest.raises(ValueError, match="storage_dtype"):
+        IndexShard(0, vectors=vectors, storage_dtype="bf16")
+
+
+@pytest.mark.parametrize("storage_dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("in_process", [False, True], ids=["actors", "in-process"])
+def test_search_stored_equals_a_brute_force_top_k(ray_local, tmp_path, in_process, storage_dtype):
     """MIRACL-style top-k (raysys.eval.run.search_stored): stored corpus files loaded by 3 uneven
     index shards, queries streamed in blocks; exactly the brute-force top-k with ties by id.
     Vectors on a coarse grid make every score exact, so ties are real and plenty."""
@@ -196,7 +240,8 @@ def test_search_stored_equals_a_brute_force_top_k(ray_local, tmp_path, in_proces
     queries = rng.integers(-2, 3, size=(13, 8)).astype(np.float32) / 4
     corpus_files = store(tmp_path, "corpus", corpus, [10, 25, 6])
     query_files = store(tmp_path, "topics", queries, [9, 4])
-    plan = {"num_shards": 3, "use_gpu": False, "cpus_per_shard": 1, "in_process": in_process}
+    plan = {"num_shards": 3, "use_gpu": False, "cpus_per_shard": 1, "in_process": in_process,
+            "storage_dtype": storage_dtype}  # grid values: exact in fp16, so the same answer
     scores, ids = search_stored(corpus_files, query_files, k=7, plan=plan, block=5)
     full = queries @ corpus.T
     expected = np.stack([np.lexsort((np.arange(len(corpus)), -row))[:7] for row in full])
