@@ -40,6 +40,15 @@ def test_lareqa_and_miracl_datasets(ray_local, tmp_path, tiny_model_dir):
     evaluate(str(tiny_model_dir), [f"miracl:{miracl}"], config, tmp_path / "work", progress=False)
     assert len(list((tmp_path / "work" / "embeddings").glob("miracl-de-topics-*"))) == 2
     assert len(list((tmp_path / "work" / "embeddings").glob("miracl-en-topics-*"))) == 1
+    # fp16 index storage: the same cached embeddings (encoding is unchanged), the storage recorded
+    half = evaluate(str(tiny_model_dir), [str(lareqa), f"miracl:{miracl}"],
+                    Config.from_yaml(None, ["eval.split=all", "eval.max_length=32", "eval.index_dtype=fp16"]),
+                    tmp_path / "work", progress=False)
+    assert [p.stat().st_mtime_ns for p in shards] == mtimes
+    assert half[str(lareqa)]["index_dtype"] == half[f"miracl:{miracl}"]["index_dtype"] == "fp16"
+    assert "index_dtype" not in again[str(lareqa)]
+    assert half[str(lareqa)]["summary"]["multilingual"]["map"] == pytest.approx(
+        again[str(lareqa)]["summary"]["multilingual"]["map"], abs=0.05)
     # determinism: encoding from scratch in another work dir gives the same metrics
     fresh = evaluate(str(tiny_model_dir), [str(lareqa)], config, tmp_path / "work2", progress=False)
     for setting in ("monolingual", "cross_lingual", "multilingual"):
