@@ -106,8 +106,9 @@ def evaluate_miracl_dataset(model_path: str, root: Path, config: Config, work_di
                                             display=str(corpus))
         qids = list(topics)
         texts = [topics[q] for q in qids]
+        digest = texts_digest(pa.array(qids, pa.string()), pa.array(texts, pa.string()))
         files = encode_cached({"topics": (texts, "query")}, model_path, config, work_dir,
-                              f"miracl-{lang}-topics", [str(root), lang, texts_digest(pa.array(qids, pa.string()), pa.array(texts, pa.string()))], progress)
+                              f"miracl-{lang}-topics", [str(root), lang, digest], progress)
         num_docs = sum(n for _, n in corpus_files)
         depth, plan = min(max(100, e.top_k), num_docs), shard_plan(config, num_docs)
         if e.ann_index:  # approximate top-k, with its recall against exact search reported

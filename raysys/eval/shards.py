@@ -110,11 +110,12 @@ class IndexShard:
         if groups.shape[0] != self.n:
             raise ValueError(f"shard at {first_id}: {groups.shape[0]} groups for {self.n} candidates")
         self.groups = groups
+        # The largest vector norm per column chunk: the error bound of its float64 GEMM scores. In
+        # float64 (a float16 sum of squares is too coarse), from the host array, before any GPU move.
+        self.chunk_norms = [float(np.linalg.norm(self.vectors[c0:c0 + self.count_chunk].astype(np.float64), axis=1).max())
+                            for c0 in range(0, self.n, self.count_chunk)]
         self.on_gpu = bool(use_gpu)
         self.index = self._to_gpu(index) if self.on_gpu else index  # CPU fp16: None (top-k from the counts' chunks)
-        # The largest vector norm per column chunk: the error bound of its float64 GEMM scores.
-        norms = np.linalg.norm(self.vectors, axis=1).astype(np.float64)
-        self.chunk_norms = [float(norms[c0:c0 + self.count_chunk].max()) for c0 in range(0, self.n, self.count_chunk)]
         # Per column chunk, each group's columns (a slice when contiguous, as sorted pools are).
         self.chunks = []
         for c0 in range(0, self.n, self.count_chunk):
