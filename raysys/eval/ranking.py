@@ -29,7 +29,7 @@ COUNTS = ("above", "tied", "above_group", "tied_group")
 
 
 def balanced_bounds(total: int, num_shards: int) -> np.ndarray:
-    """Contiguous ranges whose sizes differ by at most 1 (as raysys.eval.index)."""
+    """Contiguous ranges whose sizes differ by at most 1."""
     if not 1 <= num_shards <= total:
         raise ValueError(f"num_shards must be in [1, {total}], got {num_shards}")
     return np.arange(num_shards + 1, dtype=np.int64) * total // num_shards

@@ -32,7 +32,7 @@ from raysys import storage
 
 try:
     import faiss
-except ImportError:  # faiss-cpu and faiss-gpu are extras (see raysys.eval.index)
+except ImportError:  # faiss-cpu and faiss-gpu are extras (pyproject.toml)
     raise ImportError("FAISS is not installed: `pip install raysys[cpu]` or `pip install raysys[gpu]`") from None
 
 GPU_MAX_K = 2048  # FAISS GPU k-selection limit
