@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Top-k search throughput: the evaluation's index shards (`raysys.eval.shards.IndexShard`, a FAISS
-IndexFlatIP each, merged by `raysys.eval.ranking.merge_top_k`) in-process vs brute force in NumPy (`q @ c.T` per chunk of queries + `argpartition` + a sort of the k best), exact both.
+IndexFlatIP each, merged by `raysys.eval.ranking.merge_top_k`) in-process vs brute force in NumPy
+(`q @ c.T` per chunk of queries + `argpartition` + a sort of the k best), exact both.
 
 Data: XQuAD-R-sized, 13,014 candidates and 13,090 queries of dimension 384 (the default model's),
 random Gaussian vectors, L2-normalised (seeded); exact flat search costs the same for any values.
 `--embeddings DIR` takes real ones instead: the `queries-*.npz` and `candidates-*.npz` shards
 that `raysys.eval.run.evaluate` caches (e.g. the work dir of bench_eval.py's full run).
 
-Contenders, 2 threads each (FAISS via `num_threads=`, NumPy's BLAS via threadpoolctl), alternated
+Contenders, 2 threads each (FAISS via IndexShard's `threads=`, NumPy's BLAS via threadpoolctl), alternated
 per round: 1 index shard and 2 (EvalConfig.num_shards's default), and NumPy brute force. Index
 build time is reported apart; search time is all queries through every shard's `search(q, k)` and
 the merge.
