@@ -274,7 +274,8 @@ def plain_loop(config, threads: int, steps: int, label: str, use_deepspeed: bool
     has_negatives = table.column("hard_negative").null_count == 0
     batcher = HybridBatcher(items, languages=items.languages, alpha=t.alpha, seed=config.seed,
                             local_batch_size=t.global_batch_size, rank=0,
-                            use_hard_negatives=t.use_hard_negatives and has_negatives)
+                            use_hard_negatives=t.use_hard_negatives and has_negatives,
+                            negatives_per_pair=t.hard_negatives_per_pair)
     steps_per_epoch = batcher.local_steps_per_epoch()
     total = min(steps, t.epochs * steps_per_epoch)
     model = BiEncoder.from_pretrained(str(resolve_model_path(config.model.name_or_path)), encoder_settings(config))

@@ -135,7 +135,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_mine(args) -> None:
-    """Retrieve one hard negative per pair of a JSONL / Parquet corpus and write the mined file."""
+    """Retrieve hard negatives for every pair of a JSONL / Parquet corpus and write the mined file."""
     config = _config(args)
     from raysys.data.split import resolve_split_rule
     from raysys.eval.mine import mine_hard_negatives, write_pairs
@@ -152,10 +152,11 @@ def cmd_mine(args) -> None:
     model = resolve_model_path(args.model or config.model.name_or_path)
     mined, summary = mine_hard_negatives(pairs, str(model), config, Path(config.output_dir) / "mine",
                                          range_min=args.range_min, range_max=args.range_max,
-                                         relative_margin=args.margin)
+                                         relative_margin=args.margin, num_negatives=args.num_negatives)
     out = write_pairs(mined, args.out)
     print_summary("mine", time.perf_counter() - started,
-                  [f"{summary['mined']} of {summary['rows']} rows got a hard negative (median rank "
+                  [f"{summary['mined']} of {summary['rows']} rows got a hard negative, {summary['with_all']} all "
+                   f"{args.num_negatives} (median rank "
                    f"{summary['median_rank']}; ranks {args.range_min + 1}-{args.range_max}, margin {args.margin:g})"],
                   {"pairs": f"{out} (train on it with data.train={out})"})
 
@@ -217,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", nargs="+", action=ListThenOverrides,
                    help="LAReQA datasets whose validation articles choose w (default: data.train)")
     p.add_argument("--out", help="output model directory or storage URI")
-    p = add("mine", cmd_mine, "retrieve one hard negative per pair of a JSONL / Parquet corpus")
+    p = add("mine", cmd_mine, "retrieve hard negatives for every pair of a JSONL / Parquet corpus")
     p.add_argument("--input", help="pairs file, directory or URI (default: data.train)")
     p.add_argument("--model", help="the retriever (default: model.name_or_path)")
     p.add_argument("--out", required=True, help="the mined pairs file (.parquet or .jsonl; a path or storage URI)")
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--range-max", type=int, default=50, help="search this deep")
     p.add_argument("--margin", type=float, default=0.05,
                    help="relative margin: a negative scores at most (1 - margin) x the positive")
+    p.add_argument("--num-negatives", type=int, default=1,
+                   help="negatives per row, best first (train with train.hard_negatives_per_pair up to this)")
     add("tune", cmd_tune, "Ray Tune sweep over alpha (and lr, temperature)")
     p = add("reproduce", cmd_reproduce, "alpha = 1 vs 0.5 vs 0 with several seeds, evaluated zero-shot")
     p.add_argument("--seeds", type=int_or_override, nargs="+", default=[0, 1, 2], action=ListThenOverrides)

@@ -82,6 +82,9 @@ class TrainConfig:
     distill_weight: float = 0.0
     distill_temperature: float | None = None
     use_hard_negatives: bool = True
+    # Hard negatives each pair brings into the candidate pool (its row's first k; a row with fewer
+    # repeats them), as Tevatron's train_group_size - 1 or a sentence-transformers n-tuple.
+    hard_negatives_per_pair: int = 1
     gradient_accumulation_steps: int = 1
     # Gradient caching (sentence-transformers' CachedMultipleNegativesRankingLoss, GradCache): each
     # worker embeds its share of a batch this many pairs at a time, so a batch of thousands of

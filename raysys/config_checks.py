@@ -50,6 +50,9 @@ def check_train(t: "TrainConfig", fail: Callable[..., ConfigError]) -> None:
     if t.max_steps is not None and t.max_steps < 1:
         raise fail("train.max_steps", f"{t.max_steps} is below 1",
                    "use a positive integer, or null for full epochs")
+    if t.hard_negatives_per_pair < 1:
+        raise fail("train.hard_negatives_per_pair", f"{t.hard_negatives_per_pair} is below 1",
+                   "set train.use_hard_negatives=false to train without them")
     if t.mini_batch_size is not None and t.mini_batch_size < 1:
         raise fail("train.mini_batch_size", f"{t.mini_batch_size} is below 1",
                    "use a positive number of pairs, e.g. 32, or null for no gradient caching")

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from raysys import storage
 from raysys.errors import DataError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: hard_negative is a list of strings
 MANIFEST = "manifest.json"
 SHUFFLE_PARTITION_BYTES = 256 * 2**20
 COLUMNS = ("id", "lang", "query", "passage", "hard_negative", "group")  # what training workers read

@@ -1,6 +1,7 @@
 """User corpora: JSONL (optionally .gz) and Parquet files of parallel QA pairs, read into
-PAIR_SCHEMA rows. Required columns: id, lang, query, passage; optional: hard_negative, context,
-group (defaults to id, so parallel versions of one item share a split).
+PAIR_SCHEMA rows. Required columns: id, lang, query, passage; optional: hard_negative (one string,
+or a list of them: Tevatron's `negative_passages`), context, group (defaults to id, so parallel
+versions of one item share a split).
 
 Every row is validated with its exact location (`origin` = "file:line" for JSONL, "file:row"
 for Parquet, both 1-based): small local inputs on the driver before Ray sees them, so errors
@@ -197,6 +198,15 @@ def _jsonl_records(data: bytes, file: str) -> Iterable[tuple[int, Any]]:
                             hint="each non-blank line must be one complete JSON object") from None
 
 
+def _negatives(value: Any, file: str, row: int) -> list[str] | None:
+    """A row's hard negatives: one string or a list of strings; blank ones mean "not given"."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise DataError(f"expected a string or a list of strings, got {value!r:.60}", file=file, row=row,
+                        field="hard_negative", hint='give one negative as "text", several as ["text", ...]')
+    return [item for item in items if item.strip()] or None
+
+
 def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
     """Check each record; `start` numbers plain records (Parquet), else records are (line, obj)."""
     columns: dict[str, list] = {name: [] for name in PAIR_SCHEMA.names}
@@ -215,6 +225,9 @@ def _rows_to_table(records: Iterable, file: str, start: int | None) -> pa.Table:
                     raise DataError(f"required field {what}", file=file, row=row, field=name,
                                     hint=f"every row needs {', '.join(REQUIRED_COLUMNS)}")
                 values[name] = None
+                continue
+            if name == "hard_negative":
+                values[name] = _negatives(value, file, row)
                 continue
             if not isinstance(value, str):
                 raise DataError(f"expected a string, got {type(value).__name__} {value!r:.40}",

@@ -42,11 +42,15 @@ def plan_step(seed: int, epoch: int, step: int, alpha: float, languages: Sequenc
 class PairBatch:
     queries: list[str]
     passages: list[str]
-    hard_negatives: list[str] | None
+    hard_negatives: list[str] | None  # pair-major: pair i's k negatives at [i * k, (i + 1) * k)
     ids: list[str]
     query_langs: list[str]
     passage_langs: list[str]
     plan: StepPlan
+
+    @property
+    def negatives_per_pair(self) -> int:
+        return len(self.hard_negatives) // len(self.queries) if self.hard_negatives and self.queries else 0
 
 
 class ParallelItems:
@@ -60,7 +64,9 @@ class ParallelItems:
         table = table.select(wanted).sort_by([("id", "ascending"), ("lang", "ascending")])
         cols = table.to_pydict()
         self.queries, self.passages = cols["query"], cols["passage"]
-        self.negatives = cols.get("hard_negative") or [None] * len(self.queries)
+        # A list per row (None: none given); a bare string is a corpus written before lists.
+        self.negatives = [[n] if isinstance(n, str) else n
+                          for n in cols.get("hard_negative") or [None] * len(self.queries)]
         self.ids: list[str] = []
         self.rows: list[dict[str, int]] = []  # per id: lang -> row
         for row, (pid, lang) in enumerate(zip(cols["id"], cols["lang"])):
@@ -152,7 +158,8 @@ class HybridBatcher:
     """
 
     def __init__(self, items, *, languages: Sequence[str], alpha: float, seed: int,
-                 local_batch_size: int, rank: int, use_hard_negatives: bool = False):
+                 local_batch_size: int, rank: int, use_hard_negatives: bool = False,
+                 negatives_per_pair: int = 1):
         from raysys.data.share import InMemoryShare
 
         self.share = InMemoryShare(items) if isinstance(items, ParallelItems) else items
@@ -162,6 +169,7 @@ class HybridBatcher:
         # Decided once for the whole dataset by the driver (every rank must agree, or the
         # cross-worker gather of candidates would mismatch); a missing negative is then an error.
         self.use_hard_negatives = use_hard_negatives
+        self.negatives_per_pair = negatives_per_pair
         self._check_capacity()
 
     def _check_capacity(self) -> None:
@@ -213,11 +221,15 @@ class HybridBatcher:
             p_langs.append(p_lang)
         negatives = None
         if self.use_hard_negatives:
-            negatives = [it.negatives[r] for it, r in p_rows]  # in the passage's language
-            if None in negatives:
-                missing = next(it.ids[i] for (it, i), n in zip(chosen, negatives) if n is None)
-                raise ConfigError(f"parallel id {missing!r} has no hard_negative but hard negatives are on; "
-                                  "set train.use_hard_negatives=false or give every row one")
+            negatives, k = [], self.negatives_per_pair
+            for (it, r), (_, i) in zip(p_rows, chosen):
+                given = it.negatives[r]  # in the passage's language
+                if not given:
+                    raise ConfigError(f"parallel id {it.ids[i]!r} has no hard_negative but hard negatives are on; "
+                                      "set train.use_hard_negatives=false or give every row one")
+                # The first k; a row with fewer repeats them (Tevatron samples with replacement),
+                # so every pair brings k and the workers' candidate blocks keep one size.
+                negatives += [given[j % len(given)] for j in range(k)]
         return PairBatch(
             queries=[it.queries[r] for it, r in q_rows], passages=[it.passages[r] for it, r in p_rows],
             hard_negatives=negatives, ids=[it.ids[i] for it, i in chosen],

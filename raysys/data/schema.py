@@ -13,7 +13,7 @@ PAIR_SCHEMA = pa.schema([
     pa.field("lang", pa.string(), nullable=False),      # ISO 639-1 code
     pa.field("query", pa.string(), nullable=False),
     pa.field("passage", pa.string(), nullable=False),   # the positive (LAReQA: gold sentence)
-    pa.field("hard_negative", pa.string()),             # optional
+    pa.field("hard_negative", pa.list_(pa.string())),   # optional: hard negatives, in order of use
     pa.field("context", pa.string()),                   # optional (LAReQA: the paragraph)
     pa.field("group", pa.string(), nullable=False),     # split key (article title / id)
     pa.field("origin", pa.string(), nullable=False),    # "file:row" for precise error messages

@@ -1,13 +1,14 @@
-"""`raysys mine`: one retrieved hard negative per training pair of a JSONL / Parquet corpus.
+"""`raysys mine`: retrieved hard negatives for every training pair of a JSONL / Parquet corpus.
 
 LAReQA directories have their own hard negatives (`data.hard_negatives=paragraph`); other corpora
 get them by retrieval, as sentence-transformers' `mine_hard_negatives` does: every row's query is
 searched, with the model, among the distinct passages of the row's own language (one index shard
-per language, the evaluation's shards and Ray Data encoders), and the best-ranked passage that
+per language, the evaluation's shards and Ray Data encoders), and the `num_negatives` best-ranked
+passages that
 - is not a passage of the row's own parallel id (the positive or a duplicate of it),
 - ranks at `range_min` or below (the very top is where unlabelled positives hide), and
 - scores at most (1 - `relative_margin`) x the positive's score,
-becomes the row's `hard_negative`. Rows with none keep an empty value (training then treats the
+become the row's `hard_negative` list, best first. Rows with none keep an empty value (training then treats the
 whole input as having no hard negatives only if any row lacks one; see docs/training_data.md).
 """
 
@@ -32,13 +33,16 @@ from raysys.eval.ranking import open_shards, stored_blocks
 
 def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_dir: str | Path, *,
                         range_min: int = 0, range_max: int = 50, relative_margin: float = 0.05,
-                        progress: bool = True) -> tuple[pa.Table, dict]:
+                        num_negatives: int = 1, progress: bool = True) -> tuple[pa.Table, dict]:
     """`pairs` (PAIR_SCHEMA rows) with `hard_negative` mined; and a small summary."""
     from raysys.eval.embeddings import encode_cached, shard_plan, texts_digest
 
     if not 0 <= range_min < range_max:
         raise ConfigError(f"range_min {range_min} and range_max {range_max} leave no rank to mine from",
                           field="--range-min", hint="0 <= range-min < range-max, e.g. 0 and 50")
+    if num_negatives < 1:
+        raise ConfigError(f"num_negatives {num_negatives} is below 1", field="--num-negatives",
+                          hint="mine at least one negative per row")
     # corpus_from_pairs sorts rows by (lang, id): questions[i] is pairs row order[i], and every
     # language's distinct passages are one contiguous range of candidates (one shard each).
     order = pc.sort_indices(pairs, [("lang", "ascending"), ("id", "ascending")]).to_numpy()
@@ -61,7 +65,7 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
     plan = shard_plan(config, len(c_texts))
     plan.pop("num_shards")
     shards = open_shards(files["passages"], bounds, **plan)
-    negatives: list[str | None] = [None] * len(q_ids)
+    negatives: list[list[str]] = [[] for _ in q_ids]
     chosen_ranks = []
     try:
         q_langs = np.array(corpus.questions.column("lang").to_pylist(), dtype=object)
@@ -74,24 +78,28 @@ def mine_hard_negatives(pairs: pa.Table, model_path: str, config: Config, work_d
             for s, local in asks.items():
                 scores, ids = tops[s]
                 for score_pos, row in zip(positives[s][0], local):
-                    qid = q_ids[row + first]
+                    qid, found = q_ids[row + first], negatives[row + first]
                     for rank in range(range_min, scores.shape[1]):
                         cand, score = int(ids[row, rank]), float(scores[row, rank])
                         if cand < 0 or qid in owners[cand] or score > (1 - relative_margin) * float(score_pos):
                             continue
-                        negatives[row + first] = c_texts[cand]
+                        found.append(c_texts[cand])
                         chosen_ranks.append(rank + 1)
-                        break
+                        if len(found) == num_negatives:
+                            break
     finally:
         shards.close()
     by_row = [None] * len(pairs)
     for i, row in enumerate(order):
-        by_row[int(row)] = negatives[i]
+        by_row[int(row)] = negatives[i] or None
     column = pairs.schema.get_field_index("hard_negative")
-    mined = pairs.set_column(column, "hard_negative", pa.array(by_row, pa.string()))
-    summary = {"rows": len(pairs), "mined": len(chosen_ranks), "without": len(pairs) - len(chosen_ranks),
+    mined = pairs.set_column(column, "hard_negative", pa.array(by_row, pa.list_(pa.string())))
+    with_any = sum(1 for found in negatives if found)
+    summary = {"rows": len(pairs), "mined": with_any, "without": len(pairs) - with_any,
+               "negatives": len(chosen_ranks), "with_all": sum(len(found) == num_negatives for found in negatives),
                "median_rank": float(np.median(chosen_ranks)) if chosen_ranks else None,
-               "range_min": range_min, "range_max": range_max, "relative_margin": relative_margin}
+               "range_min": range_min, "range_max": range_max, "relative_margin": relative_margin,
+               "num_negatives": num_negatives}
     return mined, summary
 
 

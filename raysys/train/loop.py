@@ -50,7 +50,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     train_share = BucketShare(corpus, manifest, "train", rank, world, config.data.worker_buffer_rows)
     batcher = HybridBatcher(train_share, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,
-                            use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"])
+                            use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"],
+                            negatives_per_pair=t.hard_negatives_per_pair)
     # The schedule counts micro-steps (one global batch each); an optimizer step takes
     # `gradient_accumulation_steps` of them. max_steps, checkpoints and reports count optimizer steps.
     accumulation = t.gradient_accumulation_steps

@@ -61,7 +61,8 @@ def batch_tokens(tokenize, batch, mini_batch_size: int | None) -> Tokens:
     for start, stop in mini_batch_bounds(pairs, mini_batch_size or max(pairs, 1)):
         texts = list(batch.passages[start:stop])
         if batch.hard_negatives is not None:
-            texts += list(batch.hard_negatives[start:stop])
+            k = batch.negatives_per_pair
+            texts += list(batch.hard_negatives[start * k:stop * k])
         tokens.append((tokenize(batch.queries[start:stop], "query"), tokenize(texts, "passage")))
     return tokens
 
@@ -141,7 +142,8 @@ def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=No
         q, c = _embed(engine, queries, candidates)
         c_grad = p_all.grad[start:stop]
         if has_negatives:
-            c_grad = torch.cat([c_grad, n_all.grad[start:stop]])
+            k = batch.negatives_per_pair
+            c_grad = torch.cat([c_grad, n_all.grad[start * k:stop * k]])
         surrogate = (q * q_all.grad[start:stop]).sum() + (c * c_grad).sum()
         engine.backward(surrogate * scale, scale_wrt_gas=False)
         engine.step()

@@ -81,7 +81,7 @@ def validation_retrieval(engine, local_rows: pa.Table) -> dict:
                                                                  table.column("lang").to_pylist()))}
     passage_row = {(lang, text): i for i, (lang, text) in reversed(list(enumerate(
         zip(table.column("lang").to_pylist(), table.column("passage").to_pylist()))))}
-    corpus = corpus_from_pairs(table.append_column("hard_negative", pa.nulls(len(table), pa.string())))
+    corpus = corpus_from_pairs(table.append_column("hard_negative", pa.nulls(len(table), pa.list_(pa.string()))))
     questions = corpus.questions.to_pydict()
     candidates = corpus.candidates.to_pydict()
     q = q_all[[row_of[(pid, lang)] for pid, lang in zip(questions["id"], questions["lang"])]]

@@ -33,7 +33,7 @@ def _check_rows(rows: list[dict], file: Path) -> None:
     assert [r["origin"] for r in rows] == [f"{file}:{i}" for i in (1, 2, 3)]
     assert rows[0]["group"] == "a" and rows[1]["group"] == "doc-1"  # group defaults to id
     assert rows[2]["lang"] == "pt-br" and rows[2]["hard_negative"] is None  # "" means not given
-    assert rows[0]["hard_negative"] == "Bob did not." and rows[2]["context"] == "Ana. Bia."
+    assert rows[0]["hard_negative"] == ["Bob did not."] and rows[2]["context"] == "Ana. Bia."
     assert all(set(r) == set(PAIR_SCHEMA.names) for r in rows)
 
 
@@ -54,6 +54,19 @@ def test_parquet_and_gz_and_directory(ray_local, tmp_path):
     assert {r["origin"].rsplit("/", 1)[1] for r in rows} == {f"{n}:{i}" for n in ("a.jsonl.gz", "b.parquet")
                                                               for i in (1, 2, 3)}
     assert validate_pairs_file(tmp_path / "b.parquet").schema.equals(PAIR_SCHEMA)
+
+
+def test_several_hard_negatives_per_row_in_jsonl_and_parquet(tmp_path):
+    """A list of negatives keeps its order (training takes the first k); blank ones are dropped,
+    and a list of only blanks means "not given", like an empty string."""
+    rows = [{"id": "a", "lang": "en", "query": "q", "passage": "p", "hard_negative": ["n1", " ", "n2"]},
+            {"id": "b", "lang": "en", "query": "q", "passage": "p", "hard_negative": [""]},
+            {"id": "c", "lang": "en", "query": "q", "passage": "p", "hard_negative": "n3"}]
+    expected = [["n1", "n2"], None, ["n3"]]
+    from_jsonl = validate_pairs_file(_jsonl(tmp_path / "pairs.jsonl", rows))
+    assert from_jsonl.column("hard_negative").to_pylist() == expected
+    pq.write_table(pa.Table.from_pylist(rows[:2]), tmp_path / "pairs.parquet")  # a list<string> column
+    assert validate_pairs_file(tmp_path / "pairs.parquet").column("hard_negative").to_pylist() == expected[:2]
 
 
 def test_ray_task_path_validates_and_raises_data_error(ray_local, tmp_path):
@@ -93,6 +106,8 @@ BAD_LINES = {
     "null field": ([{"id": "a", "lang": "en", "query": None, "passage": "p"}], 1, "query", "null"),
     "non-string": ([{"id": 5, "lang": "en", "query": "q", "passage": "p"}], 1, "id", "expected a string, got int"),
     "non-string optional": ([{"id": "a", "lang": "en", "query": "q", "passage": "p", "group": [1]}], 1, "group", "got list"),
+    "non-string negative": ([{"id": "a", "lang": "en", "query": "q", "passage": "p", "hard_negative": ["n", 3]}], 1,
+                            "hard_negative", "expected a string or a list of strings"),
     "empty text": ([ROWS[0], {"id": "a", "lang": "de", "query": "q", "passage": "  "}], 2, "passage", "empty text"),
     "unknown language": ([{"id": "a", "lang": "english", "query": "q", "passage": "p"}], 1, "lang", "unknown language"),
     "duplicate id/lang": ([ROWS[0], "", ROWS[0]], 3, "id", "first on row 1"),

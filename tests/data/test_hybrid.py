@@ -126,6 +126,23 @@ def test_missing_hard_negative_is_an_error_when_enabled():
         next(iter(batcher.epoch(0, 2)))
 
 
+def test_each_pair_brings_its_first_k_negatives_pair_major():
+    """k = 3 from rows with 2 to 4 negatives: the first three, a short list repeated from its start;
+    pair i's negatives sit at [3i, 3i + 3), in the passage's language."""
+    table = parallel_table(40)
+    rows = zip(table.column("id").to_pylist(), table.column("lang").to_pylist())
+    negatives = [[f"{lang} {pid} n{j}" for j in range(2 + int(pid[1:]) % 3)] for pid, lang in rows]
+    table = table.set_column(table.schema.get_field_index("hard_negative"), "hard_negative",
+                             pa.array(negatives, pa.list_(pa.string())))
+    batcher = HybridBatcher(ParallelItems(table), languages=LANGS, alpha=0.5, seed=0, local_batch_size=4,
+                            rank=0, use_hard_negatives=True, negatives_per_pair=3)
+    for _, b in batcher.epoch(0, 6):
+        assert b.negatives_per_pair == 3 and len(b.hard_negatives) == 3 * len(b.queries)
+        for i, (pid, lang) in enumerate(zip(b.ids, b.passage_langs)):
+            given = 2 + int(pid[1:]) % 3
+            assert b.hard_negatives[3 * i:3 * i + 3] == [f"{lang} {pid} n{j % given}" for j in range(3)]
+
+
 def test_hard_negatives_follow_the_passage_language():
     table = parallel_table(40)
     negatives = [f"{lang} negative {pid}" for pid, lang in zip(table.column("id").to_pylist(),

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,12 +18,16 @@ TEXTS = ["the cat sat", "ein Hund lief", "le train part", "el sol brilla", "il m
          "de boom groeit", "ett hus stod", "a red door", "eine alte Uhr", "un petit pont", "una casa fría"]
 
 
-def hybrid_batch(rank: int, world: int, global_batch: int, step: int, kind: str = "mono"):
-    """This rank's share of a deterministic global batch with hard negatives."""
+def hybrid_batch(rank: int, world: int, global_batch: int, step: int, kind: str = "mono", negatives: int = 1):
+    """This rank's share of a deterministic global batch with `negatives` hard negatives per pair."""
+    from raysys.data.hybrid import PairBatch, StepPlan
+
     local = global_batch // world
     ids = [(step * global_batch + rank * local + i) % len(TEXTS) for i in range(local)]
-    return SimpleNamespace(queries=[f"q {TEXTS[i]}" for i in ids], passages=[TEXTS[i] for i in ids],
-                           hard_negatives=[TEXTS[(i + 5) % len(TEXTS)] for i in ids], plan=SimpleNamespace(kind=kind))
+    return PairBatch(queries=[f"q {TEXTS[i]}" for i in ids], passages=[TEXTS[i] for i in ids],
+                     hard_negatives=[TEXTS[(i + 5 + j) % len(TEXTS)] for i in ids for j in range(negatives)],
+                     ids=[str(i) for i in ids], query_langs=["en"] * local, passage_langs=["en"] * local,
+                     plan=StepPlan(kind, "en" if kind == "mono" else None))
 
 
 def engine_for(model_dir: str, train, world: int, dropout: bool):
@@ -67,6 +70,7 @@ def _worker(rank, world, port, model_dir, overrides, out_dir):
 
     dropout = overrides.pop("dropout", False)
     kind, teacher_dir = overrides.pop("kind", "mono"), overrides.pop("teacher_dir", None)
+    negatives = overrides.pop("negatives", 1)
     teacher = None
     if teacher_dir:
         from raysys.model.encoder import BiEncoder
@@ -79,7 +83,7 @@ def _worker(rank, world, port, model_dir, overrides, out_dir):
         before = full_parameters(engine)
         losses = []
         for step in range(train.gradient_accumulation_steps):  # one optimizer update
-            batch = hybrid_batch(rank, world, train.global_batch_size, step, kind)
+            batch = hybrid_batch(rank, world, train.global_batch_size, step, kind, negatives)
             loss, _ = train_step(engine, batch, train, seed=1234 + step * 1009 + rank, teacher=teacher)
             losses.append(float(loss))
         after = full_parameters(engine)
@@ -106,13 +110,14 @@ def assert_same_update(updates: dict, rtol: float = 1e-5) -> None:
     assert updates["cached_losses"] == pytest.approx(updates["plain_losses"], rel=1e-6)
 
 
-@pytest.mark.parametrize("world,zero_stage,clipping", [(1, 0, 0.0), (2, 2, 0.05), (2, 3, 0.0)])
-def test_cached_update_equals_the_plain_one(tiny_model_dir, tmp_path, world, zero_stage, clipping):
+@pytest.mark.parametrize("world,zero_stage,clipping,negatives", [(1, 0, 0.0, 1), (2, 2, 0.05, 1), (2, 3, 0.0, 3)])
+def test_cached_update_equals_the_plain_one(tiny_model_dir, tmp_path, world, zero_stage, clipping, negatives):
     # Local batch 6 in mini-batches of 4: uneven (4 + 2); two batches accumulated. Clipping at 0.05
-    # is active (it would hide a wrongly scaled gradient, hence not in every case).
+    # is active (it would hide a wrongly scaled gradient, hence not in every case). Three negatives
+    # per pair: each mini-batch must take its own pairs' negatives and their cached gradients.
     updates = run_both_arms(tiny_model_dir, tmp_path, world, global_batch_size=6 * world, mini_batch_size=4,
                             zero_stage=zero_stage, gradient_accumulation_steps=2, gradient_clipping=clipping,
-                            precision="fp32")
+                            precision="fp32", negatives=negatives)
     assert_same_update(updates)
 
 

@@ -80,16 +80,16 @@ def test_zero_stages_checkpoint_and_consolidate(ray_local, tmp_path, tiny_model_
 
 
 def test_resume_continues_the_same_batch_schedule(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
-    """With same-paragraph hard negatives (a third forward input), the resumed run repeats the batches
-    and losses of the uninterrupted one."""
+    """With two same-paragraph hard negatives per pair (more candidates than pairs), the resumed
+    run repeats the batches and losses of the uninterrupted one."""
     negatives = "data.hard_negatives=paragraph"
     full = train(tiny_config(tmp_path / "full", tiny_model_dir, "full", negatives, max_steps=8, checkpoint_every=4,
-                             eval_every=4, keep_checkpoints=5))
+                             eval_every=4, keep_checkpoints=5, hard_negatives_per_pair=2))
     full_history = state_of(Path(full.checkpoint_path))["history"]
     run_dir = Path(full.run_path)
     at_4 = next(c for c in run_dir.glob("checkpoint_*") if c.is_dir() and state_of(c)["global_step"] == 4)
     resumed = train(tiny_config(tmp_path / "resumed", tiny_model_dir, "resumed", negatives, max_steps=8,
-                                checkpoint_every=4, eval_every=4, resume_from=str(at_4)))
+                                checkpoint_every=4, eval_every=4, resume_from=str(at_4), hard_negatives_per_pair=2))
     resumed_history = state_of(Path(resumed.checkpoint_path))["history"]
     assert resumed_history["batch"] == full_history["batch"]
     np.testing.assert_allclose(resumed_history["loss"], full_history["loss"], rtol=1e-4)
