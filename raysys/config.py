@@ -85,6 +85,11 @@ class TrainConfig:
     # Hard negatives each pair brings into the candidate pool (its row's first k; a row with fewer
     # repeats them), as Tevatron's train_group_size - 1 or a sentence-transformers n-tuple.
     hard_negatives_per_pair: int = 1
+    # Leave exact copies of a query's positive (another pair's identical passage, any hard negative
+    # with its text: same-paragraph negatives are often another pair's positive) out of its InfoNCE
+    # negatives, over all workers' candidates. sentence-transformers' NO_DUPLICATES batch sampler
+    # keeps such copies out of a batch instead.
+    mask_duplicate_positives: bool = False
     gradient_accumulation_steps: int = 1
     # Gradient caching (sentence-transformers' CachedMultipleNegativesRankingLoss, GradCache): each
     # worker embeds its share of a batch this many pairs at a time, so a batch of thousands of

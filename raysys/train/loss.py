@@ -14,24 +14,54 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 (every rank the same number of rows); the backward sums the gathered
+    gradient over ranks and keeps this rank's rows: the gradient of all ranks' losses w.r.t. its
+    own embeddings. Plain blocking collectives (all_gather, all_reduce) that every backend has,
+    instead of the functional collectives' async all_gather / reduce-scatter pair: those are the
+    suspect (not proven) of an intermittent SIGSEGV in malloc of gloo workers with hard negatives."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        ctx.rank, ctx.rows = dist.get_rank(), t.size(0)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()  # reduced in place: never the engine's own buffer
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+
+
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0, keeping the autograd graph (identity when not distributed)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return t
-    # The functional collective's backward is a sum reduce-scatter, like the deprecated
-    # torch.distributed.nn.functional.all_gather it replaces.
-    from torch.distributed._functional_collectives import all_gather_single
+    return _GatherWithGrad.apply(t.contiguous())
 
-    return all_gather_single(t.contiguous(), 0, dist.group.WORLD)
+
+def gather_keys(t: torch.Tensor) -> torch.Tensor:
+    """All-gather of a tensor without gradient (text keys) along dim 0; identity when not distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives: torch.Tensor | None = None,
-                  *, temperature: float = 0.05, symmetric: bool = False,
-                  gather: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                  *, temperature: float = 0.05, symmetric: bool = False, gather: bool = True,
+                  passage_keys: torch.Tensor | None = None,
+                  negative_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (loss, in-batch accuracy) for this worker's queries.
 
     Candidates: all workers' positives, then all workers' hard negatives (if any). Query i of
-    rank r has its positive at column r * B + i.
+    rank r has its positive at column r * B + i. With `passage_keys` (and `negative_keys` when
+    there are hard negatives): one int64 key per text, equal for equal texts; a candidate whose key
+    is the query's positive's (another pair's identical passage, or any pair's hard negative with
+    the positive's text) is left out of its negatives: it is the positive, not a confuser.
     """
     # fp32 similarities and cross-entropy whatever the embeddings' dtype (scores are divided by a
     # temperature such as 0.05: bf16's 8 mantissa bits would round logits by up to ~0.3).
@@ -45,6 +75,13 @@ def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives:
         candidates.append(gather_with_grad(hard_negatives) if gather else hard_negatives)
     scores = queries @ torch.cat(candidates).T / temperature
     labels = torch.arange(batch, device=queries.device) + rank * batch
+    if passage_keys is not None:
+        keys = [gather_keys(passage_keys) if gather else passage_keys]
+        if hard_negatives is not None:
+            keys.append(gather_keys(negative_keys) if gather else negative_keys)
+        duplicate = passage_keys[:, None] == torch.cat(keys)[None, :]
+        duplicate[torch.arange(batch, device=queries.device), labels] = False
+        scores = scores.masked_fill(duplicate, float("-inf"))
     loss = F.cross_entropy(scores, labels)
     if symmetric:
         # Passage -> query: this worker's passages against all workers' queries.

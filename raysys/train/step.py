@@ -23,6 +23,8 @@ parameters through the cached embedding gradients like InfoNCE's.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 
 from raysys.config import TrainConfig
@@ -48,9 +50,19 @@ def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | No
               for chunk in tokens]
     if teacher is None or not train.distill_weight > 0 or batch.plan.kind != MONO:
         teacher = None
+    keys = text_keys(batch, device) if train.mask_duplicate_positives else None
     if train.mini_batch_size:
-        return cached_step(engine, batch, chunks, train, seed, teacher)
-    return plain_step(engine, batch, chunks[0], train, seed, teacher)
+        return cached_step(engine, batch, chunks, train, seed, teacher, keys)
+    return plain_step(engine, batch, chunks[0], train, seed, teacher, keys)
+
+
+def text_keys(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stable int64 keys of the batch's passages and hard negatives (equal texts, equal keys, on
+    every worker): InfoNCE leaves a query's positive's duplicates out of its negatives."""
+    def keys(texts):
+        return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
+                             for t in texts], dtype=torch.int64, device=device)
+    return keys(batch.passages), keys(batch.hard_negatives) if batch.hard_negatives is not None else None
 
 
 def batch_tokens(tokenize, batch, mini_batch_size: int | None) -> Tokens:
@@ -78,17 +90,19 @@ def _teacher_embed(teacher, queries, candidates) -> tuple[torch.Tensor, torch.Te
                 teacher(candidates["input_ids"], candidates["attention_mask"]))
 
 
-def _loss(q_emb, passages, negatives, train: TrainConfig, teacher_emb=None):
+def _loss(q_emb, passages, negatives, train: TrainConfig, teacher_emb=None, keys=None):
     """InfoNCE, plus the weighted similarity distillation toward the teacher's (queries, positives)."""
+    passage_keys, negative_keys = keys or (None, None)
     loss, accuracy = info_nce_loss(q_emb, passages, negatives, temperature=train.temperature,
-                                   symmetric=train.symmetric_loss)
+                                   symmetric=train.symmetric_loss, passage_keys=passage_keys,
+                                   negative_keys=negative_keys)
     if teacher_emb is not None:
         loss = loss + train.distill_weight * similarity_distillation_loss(
             q_emb, passages, *teacher_emb, temperature=train.distill_temperature or train.temperature)
     return loss, accuracy
 
 
-def plain_step(engine, batch, tokens, train: TrainConfig, seed: int, teacher=None):
+def plain_step(engine, batch, tokens, train: TrainConfig, seed: int, teacher=None, keys=None):
     torch.manual_seed(seed)
     q_emb, c_emb = _embed(engine, *tokens)
     n_pairs = len(batch.queries)
@@ -97,7 +111,7 @@ def plain_step(engine, batch, tokens, train: TrainConfig, seed: int, teacher=Non
     if teacher is not None:
         t_q, t_c = _teacher_embed(teacher, *tokens)
         teacher_emb = (t_q, t_c[:n_pairs])
-    loss, accuracy = _loss(q_emb, c_emb[:n_pairs], negatives, train, teacher_emb)
+    loss, accuracy = _loss(q_emb, c_emb[:n_pairs], negatives, train, teacher_emb, keys)
     engine.backward(loss)
     engine.step()  # DeepSpeed updates only at an accumulation boundary
     return loss.detach(), accuracy
@@ -107,7 +121,7 @@ def mini_batch_bounds(pairs: int, mini_batch_size: int) -> list[tuple[int, int]]
     return [(start, min(start + mini_batch_size, pairs)) for start in range(0, pairs, mini_batch_size)]
 
 
-def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=None):
+def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=None, keys=None):
     pairs, has_negatives = len(batch.queries), batch.hard_negatives is not None
     bounds = mini_batch_bounds(pairs, train.mini_batch_size)
     # 1. Embeddings without a graph, mini-batch by mini-batch (and the teacher's, if any).
@@ -131,7 +145,7 @@ def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=No
     teacher_emb = None
     if teacher_parts:
         teacher_emb = (torch.cat([q for q, _ in teacher_parts]), torch.cat([p for _, p in teacher_parts]))
-    loss, accuracy = _loss(q_all, p_all, n_all, train, teacher_emb)
+    loss, accuracy = _loss(q_all, p_all, n_all, train, teacher_emb, keys)
     loss.backward()
     # 3. Each mini-batch again, with a graph and the same dropout masks; its embeddings' cached
     #    gradients flow into the parameters. DeepSpeed divides by its accumulation count, which

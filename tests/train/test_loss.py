@@ -40,24 +40,40 @@ def with_distillation(loss, model, q, p, gather: bool):
                                                gather=gather)
 
 
-def single_process(hard_negatives: bool, symmetric: bool, distill: bool = False):
+def with_duplicates(q, p, n):
+    """Text keys for p and n with copies of positives across the two workers' halves: pair 7's
+    passage is pair 1's, hard negative 2 is pair 8's passage (inputs made equal, keys equal)."""
+    p, n = p.clone(), n.clone()
+    p[7], n[2] = p[1], p[8]
+    p_keys, n_keys = torch.arange(BATCH * WORLD), torch.arange(BATCH * WORLD) + 100
+    p_keys[7], n_keys[2] = p_keys[1], p_keys[8]
+    return q, p, n, p_keys, n_keys
+
+
+def inputs(duplicates: bool):
     q, p, n = make_inputs()
+    return with_duplicates(q, p, n) if duplicates else (q, p, n, None, None)
+
+
+def single_process(hard_negatives: bool, symmetric: bool, distill: bool = False, duplicates: bool = False):
+    q, p, n, p_keys, n_keys = inputs(duplicates)
     model = encoder()
     loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
-                            temperature=0.05, symmetric=symmetric, gather=False)
+                            temperature=0.05, symmetric=symmetric, gather=False, passage_keys=p_keys,
+                            negative_keys=n_keys)
     if distill:
         loss = with_distillation(loss, model, q, p, gather=False)
     loss.backward()
     return loss.item(), model.weight.grad.clone()
 
 
-def _worker(rank, port, hard_negatives, symmetric, distill, out_dir):
+def _worker(rank, port, hard_negatives, symmetric, distill, duplicates, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    q, p, n = (t[rank * BATCH:(rank + 1) * BATCH] for t in make_inputs())
+    q, p, n, p_keys, n_keys = (t if t is None else t[rank * BATCH:(rank + 1) * BATCH] for t in inputs(duplicates))
     model = encoder()
     loss, _ = info_nce_loss(embed(model, q), embed(model, p), embed(model, n) if hard_negatives else None,
-                            temperature=0.05, symmetric=symmetric)
+                            temperature=0.05, symmetric=symmetric, passage_keys=p_keys, negative_keys=n_keys)
     if distill:
         loss = with_distillation(loss, model, q, p, gather=True)
     loss.backward()
@@ -78,17 +94,39 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("hard_negatives,symmetric,distill", [(False, False, False), (True, False, False),
-                                                              (True, True, False), (True, False, True)])
-def test_two_workers_equal_one_process_on_the_concatenated_batch(hard_negatives, symmetric, distill, tmp_path):
+@pytest.mark.parametrize("hard_negatives,symmetric,distill,duplicates", [
+    (False, False, False, False), (True, False, False, False), (True, True, False, False), (True, False, True, False),
+    (True, False, False, True)])
+def test_two_workers_equal_one_process_on_the_concatenated_batch(hard_negatives, symmetric, distill, duplicates,
+                                                                 tmp_path):
     # Results come back through files: an mp.Manager() would fork this process, and forking a
     # process that holds Ray's gRPC clients (the suite's `ray_local`) leaves them hung.
-    mp.spawn(_worker, args=(free_port(), hard_negatives, symmetric, distill, str(tmp_path)), nprocs=WORLD, join=True)
-    ref_loss, ref_grad = single_process(hard_negatives, symmetric, distill)
+    mp.spawn(_worker, args=(free_port(), hard_negatives, symmetric, distill, duplicates, str(tmp_path)),
+             nprocs=WORLD, join=True)
+    ref_loss, ref_grad = single_process(hard_negatives, symmetric, distill, duplicates)
     for rank in range(WORLD):
         loss, grad = torch.load(tmp_path / f"rank{rank}.pt")
         assert loss == pytest.approx(ref_loss, rel=1e-5)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_copies_of_the_positive_are_left_out_of_the_negatives():
+    """Masked InfoNCE equals cross-entropy over the candidates minus the copies, written out; without
+    keys the copies count as negatives (a higher loss)."""
+    q, p, n, p_keys, n_keys = with_duplicates(*make_inputs())
+    q, p, n = (F.normalize(t, dim=-1) for t in (q, p, n))
+    masked, accuracy = info_nce_loss(q, p, n, temperature=0.1, gather=False, passage_keys=p_keys, negative_keys=n_keys)
+    candidates, keys = torch.cat([p, n]), torch.cat([p_keys, n_keys])
+    expected = []
+    for i in range(len(q)):
+        keep = [j for j in range(len(candidates)) if j == i or keys[j] != p_keys[i]]
+        scores = q[i] @ candidates[keep].T / 0.1
+        expected.append(torch.logsumexp(scores, 0) - scores[keep.index(i)])
+    assert sum(len(candidates) - 1 - sum(1 for j in range(len(candidates)) if j != i and keys[j] != p_keys[i])
+               for i in range(len(q))) == 3  # pairs 1 and 7 see each other's passage; pair 8 sees negative 2
+    assert masked.item() == pytest.approx(torch.stack(expected).mean().item(), rel=1e-6)
+    unmasked, _ = info_nce_loss(q, p, n, temperature=0.1, gather=False)
+    assert unmasked > masked and 0 <= accuracy <= 1
 
 
 def test_hard_negatives_are_negatives_not_targets():

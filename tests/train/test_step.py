@@ -114,10 +114,11 @@ def assert_same_update(updates: dict, rtol: float = 1e-5) -> None:
 def test_cached_update_equals_the_plain_one(tiny_model_dir, tmp_path, world, zero_stage, clipping, negatives):
     # Local batch 6 in mini-batches of 4: uneven (4 + 2); two batches accumulated. Clipping at 0.05
     # is active (it would hide a wrongly scaled gradient, hence not in every case). Three negatives
-    # per pair: each mini-batch must take its own pairs' negatives and their cached gradients.
+    # per pair: each mini-batch must take its own pairs' negatives and their cached gradients; they
+    # repeat other pairs' passages, so the duplicate mask is on there.
     updates = run_both_arms(tiny_model_dir, tmp_path, world, global_batch_size=6 * world, mini_batch_size=4,
                             zero_stage=zero_stage, gradient_accumulation_steps=2, gradient_clipping=clipping,
-                            precision="fp32", negatives=negatives)
+                            precision="fp32", negatives=negatives, mask_duplicate_positives=negatives > 1)
     assert_same_update(updates)
 
 
