@@ -37,10 +37,11 @@ def curve_row(weight: float, result: dict) -> dict:
 
 
 def interpolation_curve(tuned: str, base: str, weights: list[float], config: Config, out_dir: str | Path,
-                        datasets: list[str] | None = None) -> dict:
+                        datasets: list[str] | None = None, known: list[dict] | None = None) -> dict:
     """Evaluate every weight on the validation articles; returns {"rows", "best", "paths"}, `best`
     chosen by `train.interpolate_rule`. `out_dir` is a local path or a storage URI (each weight's
-    model and the curve go there)."""
+    model and the curve go there). `known`: rows of an earlier curve of the same models; their
+    weights are not evaluated again (a finer grid costs only its new points)."""
     from raysys.eval.run import evaluate
 
     validation = Config.from_dict(config.to_dict())
@@ -51,8 +52,12 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
     # One work directory for every curve: embeddings are cached by model identity, so the initial
     # model (w = 0, scored as itself) is encoded once for all the runs of a sweep or reproduction.
     work = storage.join(str(config.output_dir), "interpolation-eval")
+    known_rows = {row["weight"]: row for row in known or []}
     for weight in evaluated_weights(weights, rule):
         model_dir = storage.join(out_dir, f"weight-{weight:g}")
+        if weight in known_rows and storage.is_file(storage.join(model_dir, "config.json")):
+            rows.append(known_rows[weight])
+            continue
         write_interpolated(base, tuned, weight, model_dir)
         results = evaluate(resolve_model_path(base) if weight == 0.0 else model_dir, datasets, validation, work)
         rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
@@ -98,7 +103,8 @@ def write_curve(rows: list[dict], best: dict, rule: str, out_dir: str | Path, tu
 def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     """`train.interpolate_weights` after training: the run's model becomes (1 - w) x initial + w x
     trained for the weight `train.interpolate_rule` chooses on validation (one weight: that one); the
-    curve is written to `out_dir`. A finished curve for the same weights is reused (`raysys reproduce`)."""
+    curve is written to `out_dir`. A finished curve of the same run is reused (`raysys reproduce`): whole
+    for the same weights, else its points, so only new weights are evaluated."""
     weights = evaluated_weights(config.train.interpolate_weights, config.train.interpolate_rule)
     base = config.model.name_or_path
     if len(weights) == 1:
@@ -107,11 +113,14 @@ def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
             write_interpolated(base, tuned, weights[0], model_dir)
         return model_dir
     done = storage.join(out_dir, "interpolation.json")
+    known = None
     if storage.is_file(done):
         record = storage.read_json(done)
-        if record["tuned"] == tuned and [r["weight"] for r in record["curve"]] == weights:
-            return choose_weight(record["curve"], config.train.interpolate_rule)["model"]
-    curve = interpolation_curve(tuned, base, weights, config, out_dir)
+        if record["tuned"] == tuned and record.get("base", base) == base:
+            if [r["weight"] for r in record["curve"]] == weights:
+                return choose_weight(record["curve"], config.train.interpolate_rule)["model"]
+            known = record["curve"]
+    curve = interpolation_curve(tuned, base, weights, config, out_dir, known=known)
     print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is chosen on the "
           f"validation articles ({curve['paths']['markdown']})", flush=True)
     return curve["best"]["model"]

@@ -93,7 +93,8 @@ def test_export_command_chooses_the_weight_on_validation_articles(ray_local, tin
 
 
 @pytest.mark.slow  # a training run and two validation evaluations: `make test-slow`
-def test_training_ends_with_the_weight_chosen_on_validation(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+def test_training_ends_with_the_weight_chosen_on_validation(ray_local, tmp_path, tiny_model_dir, xquad_r_dir,
+                                                           capsys):
     """train.interpolate_weights: the run's model is the interpolation with the initial model whose
     mean validation mAP is best; `raysys reproduce` finds it again without evaluating anew."""
     from raysys.train.run import train
@@ -122,3 +123,11 @@ def test_training_ends_with_the_weight_chosen_on_validation(ray_local, tmp_path,
     chosen = choose_weight(curve["curve"], "keep_mono")
     assert finished_run_model(keep_mono) == chosen["model"]
     assert curve_file.stat().st_mtime_ns == written
+    # A finer grid for the same run evaluates only its new point; the known rows are kept as they were.
+    capsys.readouterr()
+    finer = Config.from_dict({**config.to_dict(), "train": {**config.to_dict()["train"], "interpolate_weights": [0, 0.5, 1]}})
+    finished_run_model(finer)
+    evaluated = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[export] weight")]
+    assert len(evaluated) == 1 and evaluated[0].startswith("[export] weight 0.5:")
+    refined = json.loads(curve_file.read_text())["curve"]
+    assert [r["weight"] for r in refined] == [0.0, 0.5, 1.0] and [refined[0], refined[2]] == curve["curve"]
