@@ -146,6 +146,15 @@ def learned_settings(config_dict: dict) -> dict:
             "train": train_settings}
 
 
+def _learned_settings_of(stored: dict) -> dict | None:
+    """A run's recorded config read as today's Config: a setting added since then has its default
+    (which keeps the old behaviour), so the run still matches; an unreadable record never does."""
+    try:
+        return learned_settings(Config.from_dict(stored).to_dict())
+    except RaysysError:
+        return None
+
+
 def finished_run_model(config: Config) -> str | None:
     """The exported model of the newest run named like this one that reached train.max_steps with
     the same learned settings, or None. Any storage (local, NFS, s3://): run names end in their
@@ -164,7 +173,7 @@ def finished_run_model(config: Config) -> str | None:
             # Finished: the last step (a run stopped early records it), with its model exported.
             finished = state.get("finished") or state["global_step"] == config.train.max_steps
             if (finished and storage.is_file(storage.join(uri, EXPORT_DIR, "config.json"))
-                    and learned_settings(state["config"]) == wanted):
+                    and _learned_settings_of(state["config"]) == wanted):
                 return run_model(config, selected_checkpoint(uri, config.train.export_best_model),
                                  storage.join(root, run_dir))
     return None

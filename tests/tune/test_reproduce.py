@@ -80,3 +80,18 @@ def test_select_arms_keeps_the_table_order_and_names_an_unknown_arm():
     assert select_arms(None) == ARMS
     with pytest.raises(ConfigError, match="unknown arm 'mono'"):
         select_arms(["hybrid", "mono"])
+
+
+def test_a_run_recorded_before_a_setting_existed_still_matches():
+    """A setting added later (recorded configs lack it) takes its default, which keeps the old
+    behaviour: the finished run is reused; with another value, or an unreadable record, it is not."""
+    from raysys.tune.reproduce import _learned_settings_of, learned_settings
+
+    config = Config.from_yaml(None, ["data.hard_negatives=paragraph"])
+    stored = config.to_dict()
+    del stored["train"]["mask_duplicate_positives"], stored["train"]["hard_negatives_per_pair"]
+    assert _learned_settings_of(stored) == learned_settings(config.to_dict())
+    masked = Config.from_yaml(None, ["data.hard_negatives=paragraph", "train.mask_duplicate_positives=true"])
+    assert _learned_settings_of(stored) != learned_settings(masked.to_dict())
+    stored["train"]["no_such_setting"] = 1
+    assert _learned_settings_of(stored) is None
