@@ -64,7 +64,7 @@ class ParallelItems:
         table = table.select(wanted).sort_by([("id", "ascending"), ("lang", "ascending")])
         cols = table.to_pydict()
         self.queries, self.passages = cols["query"], cols["passage"]
-        # A list per row (None: none given); a bare string is a corpus written before lists.
+        # A list per row (None: none given); a string column (one negative per row) reads as one-item lists.
         self.negatives = [[n] if isinstance(n, str) else n
                           for n in cols.get("hard_negative") or [None] * len(self.queries)]
         self.ids: list[str] = []

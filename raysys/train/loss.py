@@ -14,6 +14,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """All-gather along dim 0 (every rank the same number of rows); the backward sums the gathered
     gradient over ranks and keeps this rank's rows: the gradient of all ranks' losses w.r.t. its
@@ -23,10 +33,8 @@ class _GatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, t)
         ctx.rank, ctx.rows = dist.get_rank(), t.size(0)
-        return torch.cat(parts)
+        return _all_gather(t)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
@@ -37,18 +45,12 @@ class _GatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     """All-gather along dim 0, keeping the autograd graph (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    return _GatherWithGrad.apply(t.contiguous())
+    return _GatherWithGrad.apply(t.contiguous()) if _distributed() else t
 
 
 def gather_keys(t: torch.Tensor) -> torch.Tensor:
     """All-gather of a tensor without gradient (text keys) along dim 0; identity when not distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, t.contiguous())
-    return torch.cat(parts)
+    return _all_gather(t) if _distributed() else t
 
 
 def info_nce_loss(queries: torch.Tensor, passages: torch.Tensor, hard_negatives: torch.Tensor | None = None,

@@ -23,11 +23,11 @@ parameters through the cached embedding gradients like InfoNCE's.
 
 from __future__ import annotations
 
-import hashlib
-
+import numpy as np
 import torch
 
 from raysys.config import TrainConfig
+from raysys.data.buckets import hash_unit
 from raysys.data.hybrid import MONO
 from raysys.train.loss import info_nce_loss, similarity_distillation_loss
 
@@ -59,9 +59,8 @@ def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | No
 def text_keys(batch, device) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stable int64 keys of the batch's passages and hard negatives (equal texts, equal keys, on
     every worker): InfoNCE leaves a query's positive's duplicates out of its negatives."""
-    def keys(texts):
-        return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
-                             for t in texts], dtype=torch.int64, device=device)
+    def keys(texts):  # the buckets' stable 64-bit text hash, read as int64
+        return torch.from_numpy(hash_unit(list(texts)).view(np.int64)).to(device)
     return keys(batch.passages), keys(batch.hard_negatives) if batch.hard_negatives is not None else None
 
 
