@@ -85,6 +85,11 @@ class TrainConfig:
     # Hard negatives each pair brings into the candidate pool (its row's first k; a row with fewer
     # repeats them), as Tevatron's train_group_size - 1 or a sentence-transformers n-tuple.
     hard_negatives_per_pair: int = 1
+    # In a cross-lingual batch (query in X, passage in Y), whose hard negatives a pair brings:
+    # passage (Y's row: confusers in the answer's language) | query (X's row: same-topic sentences in
+    # the query's own language, the ones language bias ranks above a right answer in Y) | mixed
+    # (alternating, passage first). Monolingual batches have one row per pair, so this changes nothing there.
+    cross_lingual_negatives: str = "passage"
     # Leave exact copies of a query's positive (another pair's identical passage, any hard negative
     # with its text: same-paragraph negatives are often another pair's positive) out of its InfoNCE
     # negatives, over all workers' candidates. sentence-transformers' NO_DUPLICATES batch sampler

@@ -53,6 +53,11 @@ def check_train(t: "TrainConfig", fail: Callable[..., ConfigError]) -> None:
     if t.hard_negatives_per_pair < 1:
         raise fail("train.hard_negatives_per_pair", f"{t.hard_negatives_per_pair} is below 1",
                    "set train.use_hard_negatives=false to train without them")
+    from raysys.data.hybrid import CROSS_LINGUAL_NEGATIVES
+
+    if t.cross_lingual_negatives not in CROSS_LINGUAL_NEGATIVES:
+        raise fail("train.cross_lingual_negatives", f"unknown choice {t.cross_lingual_negatives!r}",
+                   f"choose from {', '.join(CROSS_LINGUAL_NEGATIVES)}")
     if t.mini_batch_size is not None and t.mini_batch_size < 1:
         raise fail("train.mini_batch_size", f"{t.mini_batch_size} is below 1",
                    "use a positive number of pairs, e.g. 32, or null for no gradient caching")

@@ -28,3 +28,12 @@ def test_recipe_config_bundles_its_levers():
         {k: v for k, v in local_learned["train"].items() if k != "hard_negatives_per_pair"}
     assert {k: v for k, v in learned["data"].items() if k != "hard_negatives"} == \
         {k: v for k, v in local_learned["data"].items() if k != "hard_negatives"}
+
+
+def test_unknown_cross_lingual_negatives_is_refused_naming_the_key():
+    from raysys.errors import ConfigError
+
+    assert Config.from_yaml(None, ["train.cross_lingual_negatives=mixed"]).train.cross_lingual_negatives == "mixed"
+    with pytest.raises(ConfigError) as err:
+        Config.from_yaml(None, ["train.cross_lingual_negatives=target"])
+    assert err.value.field == "train.cross_lingual_negatives" and "passage, query, mixed" in str(err.value)

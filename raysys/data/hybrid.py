@@ -151,6 +151,12 @@ class _IdStream:
         return chosen
 
 
+# Whose hard negatives a pair brings in a cross-lingual batch (train.cross_lingual_negatives): the
+# rows to draw from, in turn.
+_NEGATIVE_ROWS = {"passage": ("passage",), "query": ("query",), "mixed": ("passage", "query")}
+CROSS_LINGUAL_NEGATIVES = tuple(_NEGATIVE_ROWS)
+
+
 class HybridBatcher:
     """Builds this worker's local share of each global hybrid batch.
 
@@ -159,7 +165,7 @@ class HybridBatcher:
 
     def __init__(self, items, *, languages: Sequence[str], alpha: float, seed: int,
                  local_batch_size: int, rank: int, use_hard_negatives: bool = False,
-                 negatives_per_pair: int = 1):
+                 negatives_per_pair: int = 1, cross_lingual_negatives: str = "passage"):
         from raysys.data.share import InMemoryShare
 
         self.share = InMemoryShare(items) if isinstance(items, ParallelItems) else items
@@ -170,6 +176,7 @@ class HybridBatcher:
         # cross-worker gather of candidates would mismatch); a missing negative is then an error.
         self.use_hard_negatives = use_hard_negatives
         self.negatives_per_pair = negatives_per_pair
+        self.negative_rows = _NEGATIVE_ROWS[cross_lingual_negatives]
         self._check_capacity()
 
     def _check_capacity(self) -> None:
@@ -221,16 +228,28 @@ class HybridBatcher:
             p_langs.append(p_lang)
         negatives = None
         if self.use_hard_negatives:
-            negatives, k = [], self.negatives_per_pair
-            for (it, r), (_, i) in zip(p_rows, chosen):
-                given = it.negatives[r]  # in the passage's language
-                if not given:
-                    raise ConfigError(f"parallel id {it.ids[i]!r} has no hard_negative but hard negatives are on; "
-                                      "set train.use_hard_negatives=false or give every row one")
-                # The first k; a row with fewer repeats them (Tevatron samples with replacement),
-                # so every pair brings k and the workers' candidate blocks keep one size.
-                negatives += [given[j % len(given)] for j in range(k)]
+            negatives = []
+            for (it, q_row), (_, p_row), (_, i) in zip(q_rows, p_rows, chosen):
+                negatives += self._negatives_of(it, i, {"query": q_row, "passage": p_row})
         return PairBatch(
             queries=[it.queries[r] for it, r in q_rows], passages=[it.passages[r] for it, r in p_rows],
             hard_negatives=negatives, ids=[it.ids[i] for it, i in chosen],
             query_langs=q_langs, passage_langs=p_langs, plan=plan)
+
+    def _negatives_of(self, items: ParallelItems, i: int, rows: dict[str, int]) -> list[str]:
+        """A pair's k hard negatives: each source row's list from its start, the rows taken in turn
+        (one row when query and passage share it); a short list repeats (Tevatron samples with
+        replacement), so every pair brings k and the workers' candidate blocks keep one size."""
+        sources = list(dict.fromkeys(rows[name] for name in self.negative_rows))
+        lists = []
+        for row in sources:
+            if not items.negatives[row]:
+                lang = next(lang for lang, r in items.rows[i].items() if r == row)
+                raise ConfigError(f"parallel id {items.ids[i]!r} ({lang}) has no hard_negative but "
+                                  "hard negatives are on; set train.use_hard_negatives=false or give every row one")
+            lists.append(items.negatives[row])
+        picks = []
+        for j in range(self.negatives_per_pair):
+            given = lists[j % len(lists)]
+            picks.append(given[(j // len(lists)) % len(given)])
+        return picks

@@ -51,7 +51,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     batcher = HybridBatcher(train_share, languages=facts["languages"], alpha=t.alpha, seed=config.seed,
                             local_batch_size=local_batch, rank=rank,
                             use_hard_negatives=t.use_hard_negatives and facts["has_hard_negatives"],
-                            negatives_per_pair=t.hard_negatives_per_pair)
+                            negatives_per_pair=t.hard_negatives_per_pair,
+                            cross_lingual_negatives=t.cross_lingual_negatives)
     # The schedule counts micro-steps (one global batch each); an optimizer step takes
     # `gradient_accumulation_steps` of them. max_steps, checkpoints and reports count optimizer steps.
     accumulation = t.gradient_accumulation_steps

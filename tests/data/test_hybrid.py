@@ -143,6 +143,49 @@ def test_each_pair_brings_its_first_k_negatives_pair_major():
             assert b.hard_negatives[3 * i:3 * i + 3] == [f"{lang} {pid} n{j % given}" for j in range(3)]
 
 
+def with_negatives(table: pa.Table, per_row: int) -> pa.Table:
+    """Every row gets `per_row` negatives named "<lang> <id> n<j>"."""
+    rows = zip(table.column("id").to_pylist(), table.column("lang").to_pylist())
+    negatives = [[f"{lang} {pid} n{j}" for j in range(per_row)] for pid, lang in rows]
+    return table.set_column(table.schema.get_field_index("hard_negative"), "hard_negative",
+                            pa.array(negatives, pa.list_(pa.string())))
+
+
+@pytest.mark.parametrize("choice, expected", [
+    ("passage", lambda q, p, pid: [f"{p} {pid} n0", f"{p} {pid} n1", f"{p} {pid} n2"]),
+    ("query", lambda q, p, pid: [f"{q} {pid} n0", f"{q} {pid} n1", f"{q} {pid} n2"]),
+    ("mixed", lambda q, p, pid: [f"{p} {pid} n0", f"{q} {pid} n0", f"{p} {pid} n1"]),
+])
+def test_cross_lingual_negatives_come_from_the_chosen_row(choice, expected):
+    """Cross-lingual pairs take their negatives from the passage's row, the query's, or both in turn;
+    a monolingual pair has one row, whose first k it takes whatever the choice."""
+    batcher = HybridBatcher(ParallelItems(with_negatives(parallel_table(40), 4)), languages=LANGS, alpha=0.5,
+                            seed=0, local_batch_size=4, rank=0, use_hard_negatives=True, negatives_per_pair=3,
+                            cross_lingual_negatives=choice)
+    kinds = set()
+    for _, b in batcher.epoch(0, 8):
+        kinds.add(b.plan.kind)
+        for i, (pid, q, p) in enumerate(zip(b.ids, b.query_langs, b.passage_langs)):
+            one_row = [f"{p} {pid} n{j}" for j in range(3)]
+            assert b.hard_negatives[3 * i:3 * i + 3] == (one_row if q == p else expected(q, p, pid))
+    assert kinds == {MONO, CROSS}
+
+
+def test_missing_negative_on_the_query_row_is_an_error_naming_it():
+    table = with_negatives(parallel_table(40), 2)
+    negatives = table.column("hard_negative").to_pylist()
+    for row, lang in enumerate(table.column("lang").to_pylist()):
+        if lang == "zh":
+            negatives[row] = None
+    table = table.set_column(table.schema.get_field_index("hard_negative"), "hard_negative",
+                             pa.array(negatives, pa.list_(pa.string())))
+    batcher = HybridBatcher(ParallelItems(table), languages=LANGS, alpha=0.0, seed=0, local_batch_size=4,
+                            rank=0, use_hard_negatives=True, cross_lingual_negatives="query")
+    with pytest.raises(ConfigError, match=r"\(zh\) has no hard_negative"):
+        for _ in batcher.epoch(0, 10):
+            pass
+
+
 def test_hard_negatives_follow_the_passage_language():
     table = parallel_table(40)
     negatives = [f"{lang} negative {pid}" for pid, lang in zip(table.column("id").to_pylist(),
