@@ -76,6 +76,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a ~65 s JIT build on CPU
     model = BiEncoder.from_pretrained(model_path, encoder_settings(config))
+    if t.freeze_embeddings:
+        model.backbone.get_input_embeddings().requires_grad_(False)
     ds_config = build_deepspeed_config(t, total_steps=total_steps, world_size=world)
     engine, _, _, _ = deepspeed.initialize(model=model, config=ds_config,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad],

@@ -136,3 +136,18 @@ def test_trains_from_jsonl_without_a_validation_split(ray_local, tmp_path, tiny_
     assert state["global_step"] == 3
     assert "val_accuracy" not in outcome.metrics and outcome.metrics["val_loss"] == outcome.metrics["loss"]
     assert (Path(outcome.model_path) / "config.json").exists()
+
+
+def test_frozen_embeddings_stay_as_the_initial_model_had_them(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
+    """train.freeze_embeddings: the exported token embeddings are the initial ones, bit for bit,
+    while the layers above them trained."""
+    from safetensors.torch import load_file
+
+    outcome = train(tiny_config(tmp_path, tiny_model_dir, "frozen", max_steps=3, checkpoint_every=3, eval_every=3,
+                                freeze_embeddings="true"))
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    exported = load_file(Path(outcome.checkpoint_path) / EXPORT_DIR / "model.safetensors")
+    key = next(k for k in exported if k.endswith("word_embeddings.weight"))
+    assert torch.equal(exported[key], initial[key])
+    layer = next(k for k in exported if k.endswith("attention.self.query.weight"))
+    assert not torch.equal(exported[layer], initial[layer])
