@@ -139,7 +139,9 @@ class TrainConfig:
     interpolate_weights: list[float] | None = None
     # Which weight wins: mean_map (best mean of mono, cross and multi validation mAP) | keep_mono (the
     # largest weight whose validation monolingual mAP is not below the initial model's; w = 0 is
-    # always evaluated then): gain cross-lingual alignment without losing monolingual retrieval.
+    # always evaluated then): gain cross-lingual alignment without losing monolingual retrieval |
+    # keep_mono_ci (the largest weight whose validation monolingual mAP is above the initial model's
+    # with 95 % confidence, paired bootstrap over the validation queries; eval.bootstrap_samples).
     interpolate_rule: str = "mean_map"
     log_every: int = 5
     max_failures: int = 0  # Ray Train restarts of the worker group from the latest checkpoint

@@ -81,24 +81,43 @@ def selected_checkpoint(final_checkpoint: str, export_best: bool) -> str:
                       f"the final one is {final_checkpoint}")
 
 
-INTERPOLATION_RULES = ("mean_map", "keep_mono")
+INTERPOLATION_RULES = ("mean_map", "keep_mono", "keep_mono_ci")
+RULES_AGAINST_INITIAL = ("keep_mono", "keep_mono_ci")  # they compare with w = 0
 
 
 def evaluated_weights(weights: list[float] | None, rule: str) -> list[float]:
-    """The interpolation weights to evaluate: `keep_mono` compares against the initial model, so w = 0 joins."""
+    """The interpolation weights to evaluate: the keep_mono rules compare against the initial model,
+    so w = 0 joins."""
     chosen = set(weights or [])
-    if chosen and rule == "keep_mono":
+    if chosen and rule in RULES_AGAINST_INITIAL:
         chosen.add(0.0)
     return sorted(chosen)
+
+
+def row_is_complete(row: dict, rule: str) -> bool:
+    """Whether an earlier curve's row carries what `rule` reads (keep_mono_ci: the bootstrap
+    against the initial model, which curves written before it lack)."""
+    return rule != "keep_mono_ci" or row["weight"] == 0.0 or "mono_vs_initial" in row
 
 
 def choose_weight(rows: list[dict], rule: str) -> dict:
     """The winning row of an interpolation curve (rows: weight, mono_map, mean_map, ... on validation).
     mean_map: best mean mAP (ties: the larger weight). keep_mono: the largest weight whose monolingual
-    mAP is not below the initial model's (w = 0), i.e. alignment without losing monolingual retrieval."""
+    mAP is not below the initial model's (w = 0), i.e. alignment without losing monolingual retrieval.
+    keep_mono_ci: the largest weight whose monolingual mAP is above the initial model's with 95 %
+    confidence (the lower end of the paired bootstrap interval over validation queries of the
+    difference is >= 0; rows' `mono_vs_initial`): keep_mono picks the edge where the validation gain
+    is zero, so the held-out gain there is zero give or take the articles' noise."""
     if rule == "mean_map":
         return max(rows, key=lambda r: (r["mean_map"], r["weight"]))
     initial = next((r for r in rows if r["weight"] == 0.0), None)
     if initial is None:
-        raise RaysysError("the keep_mono rule needs the initial model (w = 0) on the curve")
+        raise RaysysError(f"the {rule} rule needs the initial model (w = 0) on the curve")
+    if rule == "keep_mono_ci":
+        missing = [r["weight"] for r in rows if not row_is_complete(r, rule)]
+        if missing:
+            raise RaysysError(f"the keep_mono_ci rule needs each weight's bootstrap against the initial model; "
+                              f"w = {', '.join(f'{w:g}' for w in missing)} lack it")
+        return max((r for r in rows if r["weight"] == 0.0 or r["mono_vs_initial"]["low"] >= 0),
+                   key=lambda r: r["weight"])
     return max((r for r in rows if r["mono_map"] >= initial["mono_map"]), key=lambda r: r["weight"])

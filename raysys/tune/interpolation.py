@@ -18,11 +18,13 @@ from matplotlib.figure import Figure
 from raysys import storage
 from raysys.config import Config
 from raysys.errors import RaysysError
+from raysys.eval.lareqa import per_query_setting_values
+from raysys.eval.metrics import paired_bootstrap
 from raysys.eval.report import atomic_write, save_figure
 from raysys.model.default import resolve_model_path
 from raysys.model.interpolate import write_interpolated
 from raysys.train.checkpoint import write_json_atomic
-from raysys.train.selection import choose_weight, evaluated_weights
+from raysys.train.selection import choose_weight, evaluated_weights, row_is_complete
 
 SETTINGS = (("mono_map", "monolingual", "monolingual"), ("cross_map", "cross_lingual", "cross-lingual"),
             ("multi_map", "multilingual", "multilingual"))
@@ -53,28 +55,60 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
     # model (w = 0, scored as itself) is encoded once for all the runs of a sweep or reproduction.
     work = storage.join(str(config.output_dir), "interpolation-eval")
     known_rows = {row["weight"]: row for row in known or []}
+    initial_mono = None  # per-query validation AP of the initial model, when w = 0 is on the curve
+
+    def scored(model: str) -> dict:
+        return evaluate(model, datasets, validation, work)[datasets[0]]
+
     for weight in evaluated_weights(weights, rule):
         model_dir = storage.join(out_dir, f"weight-{weight:g}")
-        if weight in known_rows and storage.is_file(storage.join(model_dir, "config.json")):
-            rows.append(known_rows[weight])
+        known_row = known_rows.get(weight)
+        if (known_row and row_is_complete(known_row, rule)
+                and storage.is_file(storage.join(model_dir, "config.json"))):
+            rows.append(known_row)
             continue
         write_interpolated(base, tuned, weight, model_dir)
-        results = evaluate(resolve_model_path(base) if weight == 0.0 else model_dir, datasets, validation, work)
-        rows.append({**curve_row(weight, results[datasets[0]]), "model": str(model_dir)})
+        result = scored(resolve_model_path(base) if weight == 0.0 else model_dir)
+        row = {**curve_row(weight, result), "model": str(model_dir)}
+        if weight == 0.0:
+            initial_mono = monolingual_per_query(result)
+        elif 0.0 in known_rows or any(r["weight"] == 0.0 for r in rows):
+            if initial_mono is None:  # w = 0 came from an earlier curve: its scores are cached
+                initial_mono = monolingual_per_query(scored(resolve_model_path(base)))
+            row["mono_vs_initial"] = mono_against(monolingual_per_query(result), initial_mono,
+                                                  config.eval.bootstrap_samples)
+        rows.append(row)
         print(f"[export] weight {weight:g}: mean validation mAP {rows[-1]['mean_map']:.4f}", flush=True)
     best = choose_weight(rows, rule)
     return {"rows": rows, "best": best, "paths": write_curve(rows, best, rule, out_dir, tuned, base, datasets[0])}
 
 
+def monolingual_per_query(result: dict) -> dict[str, float]:
+    return per_query_setting_values(result["per_query"])["monolingual"]
+
+
+def mono_against(values: dict[str, float], initial: dict[str, float], samples: int) -> dict:
+    """Paired bootstrap over validation queries of monolingual AP(w) - AP(initial)."""
+    units = sorted(set(values) & set(initial))
+    return paired_bootstrap(np.array([values[u] for u in units]), np.array([initial[u] for u in units]),
+                            n_samples=samples)
+
+
 def curve_table(rows: list[dict]) -> str:
-    lines = ["| w | mono mAP | cross mAP | multi mAP | mean mAP | rank dist. |", "|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['weight']:g} | {r['mono_map']:.4f} | {r['cross_map']:.4f} | {r['multi_map']:.4f} | "
-              f"{r['mean_map']:.4f} | {r['rank_distance']:.1f} |" for r in rows]
+    lines = ["| w | mono mAP | mono − initial [95 % CI] | cross mAP | multi mAP | mean mAP | rank dist. |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        gain = r.get("mono_vs_initial")
+        gain_text = f"{gain['mean_diff']:+.4f} [{gain['low']:+.4f}, {gain['high']:+.4f}]" if gain else ""
+        lines.append(f"| {r['weight']:g} | {r['mono_map']:.4f} | {gain_text} | {r['cross_map']:.4f} | "
+                     f"{r['multi_map']:.4f} | {r['mean_map']:.4f} | {r['rank_distance']:.1f} |")
     return "\n".join(lines)
 
 
 RULE_TEXT = {"mean_map": "best mean mAP",
-             "keep_mono": "largest w whose monolingual mAP is not below the initial model's (w = 0)"}
+             "keep_mono": "largest w whose monolingual mAP is not below the initial model's (w = 0)",
+             "keep_mono_ci": "largest w whose monolingual mAP is above the initial model's (w = 0) with 95 % "
+                             "confidence, paired bootstrap over validation queries"}
 
 
 def write_curve(rows: list[dict], best: dict, rule: str, out_dir: str | Path, tuned: str, base: str,
@@ -117,7 +151,9 @@ def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     if storage.is_file(done):
         record = storage.read_json(done)
         if record["tuned"] == tuned and record.get("base", base) == base:
-            if [r["weight"] for r in record["curve"]] == weights:
+            rule = config.train.interpolate_rule
+            if ([r["weight"] for r in record["curve"]] == weights
+                    and all(row_is_complete(r, rule) for r in record["curve"])):
                 return choose_weight(record["curve"], config.train.interpolate_rule)["model"]
             known = record["curve"]
     curve = interpolation_curve(tuned, base, weights, config, out_dir, known=known)

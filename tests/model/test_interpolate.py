@@ -90,6 +90,10 @@ def test_export_command_chooses_the_weight_on_validation_articles(ray_local, tin
     assert second["curve"][0]["mono_map"] == curve["curve"][0]["mono_map"]
     assert len({d.name for d in embeddings.iterdir()} - before) == 1  # only the new w = 1 copy
     assert second["best"]["weight"] == choose_weight(second["curve"], "keep_mono")["weight"]
+    # With w = 0 on the curve each weight carries its paired bootstrap against the initial model.
+    gain = second["curve"][1]["mono_vs_initial"]
+    assert gain["low"] <= gain["mean_diff"] <= gain["high"]
+    assert gain["mean_diff"] == pytest.approx(second["curve"][1]["mono_map"] - second["curve"][0]["mono_map"], abs=1e-9)
 
 
 @pytest.mark.slow  # a training run and two validation evaluations: `make test-slow`

@@ -70,6 +70,31 @@ def test_interpolation_rules_choose_on_the_validation_curve():
     assert evaluated_weights(None, "keep_mono") == []
 
 
+def test_keep_mono_ci_wants_the_monolingual_gain_confidently_above_zero():
+    """keep_mono takes the edge where the validation gain is zero; keep_mono_ci the largest w whose
+    bootstrap interval of the gain over the initial model lies at or above zero."""
+    import numpy as np
+
+    from raysys.tune.interpolation import mono_against
+
+    rng = np.random.default_rng(0)
+    initial = {f"q{i}": float(v) for i, v in enumerate(rng.uniform(0.3, 1.0, 400))}
+    shifted = lambda gain: {u: v + gain + float(rng.normal(0, 0.02)) for u, v in initial.items()}
+    rows = curve((0.0, 0.80, 0.55), (0.25, 0.81, 0.60), (0.5, 0.806, 0.64), (0.75, 0.80, 0.66), (1.0, 0.78, 0.66))
+    for row, gain in zip(rows[1:], (0.010, 0.006, 0.0003, -0.02)):
+        row["mono_vs_initial"] = mono_against(shifted(gain), initial, samples=1000)
+    assert rows[1]["mono_vs_initial"]["low"] > 0 and rows[3]["mono_vs_initial"]["low"] < 0
+    assert choose_weight(rows, "keep_mono")["weight"] == 0.75
+    assert choose_weight(rows, "keep_mono_ci")["weight"] == 0.5
+    for row in rows[1:]:
+        row["mono_vs_initial"]["low"] = -0.001
+    assert choose_weight(rows, "keep_mono_ci")["weight"] == 0.0  # nothing confidently above: the initial model
+    del rows[2]["mono_vs_initial"]  # a curve written before the rule existed
+    with pytest.raises(RaysysError, match="w = 0.5 lack it"):
+        choose_weight(rows, "keep_mono_ci")
+    assert evaluated_weights([1, 0.5], "keep_mono_ci") == [0.0, 0.5, 1]
+
+
 def test_early_stopping_exports_the_best_checkpoint(ray_local, tmp_path, tiny_model_dir, xquad_r_dir):
     """A learning rate far below one ulp of the weights keeps them (and so every validation score)
     unchanged: the first evaluation is the best, and patience 2 stops the run at the third."""
