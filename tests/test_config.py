@@ -19,12 +19,12 @@ def test_shipped_config_loads(path):
 def test_recipe_config_bundles_its_levers():
     recipe = Config.from_yaml(str(CONFIGS[0].with_name("recipe.yaml")), [])
     local = Config.from_yaml(str(CONFIGS[0].with_name("local.yaml")), [])
-    assert recipe.train.interpolate_rule == "keep_mono" and recipe.data.hard_negatives == "paragraph"
+    assert recipe.train.interpolate_rule == "keep_mono_ci" and recipe.data.hard_negatives == "paragraph"
     assert recipe.train.hard_negatives_per_pair == 3 and recipe.train.cross_lingual_negatives == "query"
     assert 0.0 in recipe.train.interpolate_weights and 1.0 in recipe.train.interpolate_weights
     # The default job's budget and schedule: the recipe differs from it only by its levers.
     learned, local_learned = learned_settings(recipe.to_dict()), learned_settings(local.to_dict())
-    levers = ("hard_negatives_per_pair", "cross_lingual_negatives")
+    levers = ("hard_negatives_per_pair", "cross_lingual_negatives", "temperature")
     assert {k: v for k, v in learned["train"].items() if k not in levers} == \
         {k: v for k, v in local_learned["train"].items() if k not in levers}
     assert {k: v for k, v in learned["data"].items() if k != "hard_negatives"} == \
