@@ -84,7 +84,8 @@ class TrainConfig:
     # Keep the backbone's token-embedding matrix as the initial model had it (a common lever for
     # keeping what a multilingual model knew: the vocabulary rows of languages and words a batch never
     # shows keep their place). On multilingual-e5-small it is 96M of the 117.5M parameters, so it also
-    # leaves them out of the gradient all-reduce and the optimizer step.
+    # leaves them out of the gradient all-reduce and the optimizer step. Under bf16 they have no fp32
+    # master copy, so the export holds them bf16-rounded.
     freeze_embeddings: bool = False
     use_hard_negatives: bool = True
     # Hard negatives each pair brings into the candidate pool (its row's first k; a row with fewer

@@ -60,7 +60,8 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
     def scored(model: str) -> dict:
         return evaluate(model, datasets, validation, work)[datasets[0]]
 
-    for weight in evaluated_weights(weights, rule):
+    weights = evaluated_weights(weights, rule)
+    for weight in weights:
         model_dir = storage.join(out_dir, f"weight-{weight:g}")
         known_row = known_rows.get(weight)
         if (known_row and row_is_complete(known_row, rule)
@@ -72,7 +73,7 @@ def interpolation_curve(tuned: str, base: str, weights: list[float], config: Con
         row = {**curve_row(weight, result), "model": str(model_dir)}
         if weight == 0.0:
             initial_mono = monolingual_per_query(result)
-        elif 0.0 in known_rows or any(r["weight"] == 0.0 for r in rows):
+        elif 0.0 in weights:
             if initial_mono is None:  # w = 0 came from an earlier curve: its scores are cached
                 initial_mono = monolingual_per_query(scored(resolve_model_path(base)))
             row["mono_vs_initial"] = mono_against(monolingual_per_query(result), initial_mono,
@@ -154,7 +155,7 @@ def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
             rule = config.train.interpolate_rule
             if ([r["weight"] for r in record["curve"]] == weights
                     and all(row_is_complete(r, rule) for r in record["curve"])):
-                return choose_weight(record["curve"], config.train.interpolate_rule)["model"]
+                return choose_weight(record["curve"], rule)["model"]
             known = record["curve"]
     curve = interpolation_curve(tuned, base, weights, config, out_dir, known=known)
     print(f"[train] interpolation with the initial model: w = {curve['best']['weight']:g} is chosen on the "
