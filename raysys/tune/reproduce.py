@@ -24,6 +24,7 @@ from raysys.eval.lareqa import paired_bootstrap_settings
 from raysys.eval.report import write_comparison
 from raysys.eval.run import evaluate
 from raysys.model.default import resolve_model_path
+from raysys.progress import format_duration
 from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
 from raysys.train.selection import selected_checkpoint
 from raysys.runtime import ensure_ray
@@ -72,14 +73,22 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
             raw["seed"], raw["train"]["alpha"] = seed, alpha
             raw["name"] = f"{config.name}-alpha{alpha:g}-seed{seed}"
             run_config = Config.from_dict(raw)
+            run_started = time.perf_counter()
             model_path = finished_run_model(run_config) if reuse_finished else None
+            reused = model_path is not None
             if model_path:
                 print(f"[reproduce] {label}, seed {seed}: reusing the finished run {model_path}", flush=True)
             else:
                 print(f"[reproduce] {label}, seed {seed}", flush=True)
                 model_path = train(run_config).model_path
+            # The run's own cost (training, choosing the interpolation weight on validation; a reused run:
+            # finding it, and any curve points it lacks)...
+            cost = {"reused": reused, "run_s": round(time.perf_counter() - run_started, 1)}
+            eval_started = time.perf_counter()
             runs[label]["seeds"].append(evaluate(model_path, datasets, config, work))
-            runs[label]["models"].append({"seed": seed, "model_path": str(model_path)})
+            cost["held_out_eval_s"] = round(time.perf_counter() - eval_started, 1)  # ...and its measurement's
+            print(f"[reproduce] {label}, seed {seed}: {cost_text(cost)}", flush=True)
+            runs[label]["models"].append({"seed": seed, "model_path": str(model_path), "cost": cost})
             curve = interpolation_record(str(model_path)) if config.train.interpolate_weights else None
             if curve:
                 runs[label].setdefault("curves", []).append(curve)
@@ -98,7 +107,7 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
     per_seed = {label: {name: [{**model, "summary": result[name]["summary"]}
                                for model, result in zip(run["models"], run["seeds"])] for name in datasets}
                 for label, run in runs.items() if "models" in run}
-    appendix = seed_spread_markdown(per_seed)
+    appendix = seed_spread_markdown(per_seed) + cost_markdown(per_seed)
     curves = {label: run["curves"] for label, run in runs.items() if run.get("curves")}
     if curves:  # the whole validation curve of every run, not only the weights they chose
         from raysys.tune.interpolation import write_curves_over_seeds
@@ -113,6 +122,20 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
                    "per seed": f"{paths['comparison.json']} (model paths too)"},
                   headline_table(summaries))
     return {"summaries": summaries, "bootstrap": bootstrap, "paths": paths}
+
+
+def cost_text(cost: dict) -> str:
+    run = "reused a finished run" if cost["reused"] else "trained and selected the model"
+    return f"{run} in {format_duration(cost['run_s'])}, held-out evaluation {format_duration(cost['held_out_eval_s'])}"
+
+
+def cost_markdown(per_seed: dict) -> str:
+    """What each run cost in this invocation, apart from what measuring it on held-out data cost."""
+    rows = ["| Run | Seed | Cost |", "|---|---:|---|"]
+    for label, by_dataset in per_seed.items():
+        for record in next(iter(by_dataset.values())):
+            rows.append(f"| {label} | {record['seed']} | {cost_text(record['cost'])} |")
+    return "\n## Cost per run (this invocation, wall clock)\n\n" + "\n".join(rows) + "\n"
 
 
 def seed_spread_markdown(per_seed: dict) -> str:

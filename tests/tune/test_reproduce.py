@@ -41,6 +41,9 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
     assert [r["seed"] for r in hybrid_seeds] == [0]
     assert hybrid_seeds[0]["summary"]["monolingual"]["map"] == pytest.approx(
         result["summaries"][HYBRID][dataset]["summary"]["monolingual"]["map"])  # one seed: mean = it
+    cost = hybrid_seeds[0]["cost"]  # what the run cost, apart from its held-out evaluation
+    assert cost["reused"] is False and cost["run_s"] > cost["held_out_eval_s"] > 0
+    assert "Cost per run" in table and "trained and selected the model in" in table
 
     # A rerun (e.g. after an interruption) reuses the finished runs instead of training again...
     def no_training(_config):
@@ -48,6 +51,8 @@ def test_reproduce_writes_one_table_with_bootstrap_intervals(ray_local, tmp_path
 
     monkeypatch.setattr(reproduce_module, "train", no_training)
     again = reproduce(config, seeds=[0])
+    assert all(record["cost"]["reused"] for label in ARMS
+               for record in json.loads(again["paths"]["comparison.json"].read_text())["per_seed"][label][dataset])
     for label, by_dataset in result["summaries"].items():
         assert again["summaries"][label][dataset]["summary"] == by_dataset[dataset]["summary"]
     # `--arms hybrid`: only that arm (reused), compared with the untrained model alone.
