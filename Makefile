@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+# The default job is the recipe (configs/recipe.yaml): it keeps monolingual retrieval while it removes
+# language bias; `raysys demo` without --config runs the plain built-in defaults.
 demo: $(STAMP)
-	$(BIN)/raysys demo $(ARGS)
+	$(BIN)/raysys demo --config configs/recipe.yaml $(ARGS)
 
 quick: $(STAMP)
 	$(BIN)/raysys demo --quick $(ARGS)

@@ -1,7 +1,8 @@
 """The default job: build the embedded model, evaluate it, train hybrid alpha=0.5, evaluate again.
 
-Runs offline in local mode on a small CPU machine; everything comes from the config defaults
-(multilingual-e5-small, XQuAD-R training articles, held-out XQuAD-R articles for evaluation).
+Runs offline in local mode on a small CPU machine, on the config given (`make demo`:
+configs/recipe.yaml) or else the built-in defaults: multilingual-e5-small, XQuAD-R training
+articles, held-out XQuAD-R articles for evaluation.
 """
 
 from __future__ import annotations

@@ -63,8 +63,13 @@ def describe_training(config) -> str:
     """One line: what a training run of `config` does."""
     t = config.train
     budget = f"{t.max_steps} steps" if t.max_steps else f"{t.epochs} epoch(s)"
-    return (f"{config.name}: hybrid alpha={t.alpha:g}, {budget} x {t.global_batch_size} pairs, "
+    line = (f"{config.name}: hybrid alpha={t.alpha:g}, {budget} x {t.global_batch_size} pairs, "
             f"{t.num_workers} worker(s), ZeRO-{t.zero_stage}")
+    if config.data.hard_negatives and t.use_hard_negatives and t.hard_negatives_per_pair:
+        line += f", {t.hard_negatives_per_pair} {config.data.hard_negatives} negative(s) per pair"
+    if len(t.interpolate_weights or []) > 1:
+        line += f", then w of (1 - w) x initial + w x trained chosen on validation ({t.interpolate_rule})"
+    return line
 
 
 def print_summary(command: str, elapsed_s: float, ran: list[str], outputs: dict[str, str], table: str = "",

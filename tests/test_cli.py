@@ -7,7 +7,8 @@ import io
 import pytest
 
 from raysys.cli import build_parser, main
-from raysys.summary import headline_table, print_summary
+from raysys.config import Config
+from raysys.summary import describe_training, headline_table, print_summary
 
 
 def parse(*argv):
@@ -90,3 +91,15 @@ def test_summary_block_names_what_ran_and_where_outputs_are():
     assert lines[1:5] == ["[train] done in 7 min 24 s", "ran:              run-1: hybrid alpha=0.5",
                           "final checkpoint: /r/checkpoint_1", "exported model:   /r/checkpoint_1/hf_model"]
     assert lines[-1] == "| t |"
+
+
+def test_the_training_line_names_the_recipe_levers_only_when_they_are_on():
+    plain = describe_training(Config.from_yaml(None, ["name=plain"]))
+    assert plain == "plain: hybrid alpha=0.5, 60 steps x 16 pairs, 2 worker(s), ZeRO-0"
+    recipe = describe_training(Config.from_yaml(None, [
+        "name=r", "data.hard_negatives=paragraph", "train.hard_negatives_per_pair=3",
+        "train.interpolate_weights=[0,0.5,1]", "train.interpolate_rule=keep_mono_ci"]))
+    assert recipe.startswith(plain.replace("plain:", "r:"))
+    assert "3 paragraph negative(s) per pair" in recipe and "chosen on validation (keep_mono_ci)" in recipe
+    # One weight is a fixed interpolation: nothing is chosen.
+    assert "chosen" not in describe_training(Config.from_yaml(None, ["train.interpolate_weights=[0.5]"]))
