@@ -17,6 +17,7 @@ from raysys.model.default import resolve_model_path
 from raysys.runtime import ensure_ray
 from raysys.summary import describe_training, headline_lines, headline_table, print_summary
 from raysys.train.progress import train_with_progress
+from raysys.tune.reproduce import interpolation_record
 
 QUICK_OVERRIDES = {"train": {"max_steps": 4, "global_batch_size": 8, "checkpoint_every": 4, "eval_every": 4,
                              "log_every": 1},
@@ -52,6 +53,9 @@ def run_demo(config: Config, quick: bool = False) -> dict:
     print("[demo] 3/3 evaluating the trained model", flush=True)
     after = evaluate(outcome.model_path, config.eval.datasets, config, out / "eval")
     label = f"hybrid alpha={config.train.alpha}"
+    curve = interpolation_record(outcome.model_path) if config.train.interpolate_weights else None
+    if curve:  # the recipe: the model is (1 - w) x initial + w x trained, w chosen on validation
+        label += f", w={curve['best']['weight']:g}"
     write_report(after, out / "eval" / "trained", title=label)
     runs = {"untrained": before, label: after}
     paths = write_comparison(runs, out / "eval" / "comparison", baseline="untrained")
