@@ -17,7 +17,7 @@ from raysys.model.default import resolve_model_path
 from raysys.runtime import ensure_ray
 from raysys.summary import describe_training, headline_lines, headline_table, print_summary
 from raysys.train.progress import train_with_progress
-from raysys.tune.reproduce import interpolation_record
+from raysys.tune.interpolation import interpolation_record
 
 QUICK_OVERRIDES = {"train": {"max_steps": 4, "global_batch_size": 8, "checkpoint_every": 4, "eval_every": 4,
                              "log_every": 1},

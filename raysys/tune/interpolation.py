@@ -135,6 +135,15 @@ def write_curve(rows: list[dict], best: dict, rule: str, out_dir: str | Path, tu
     return paths
 
 
+def interpolation_record(model_path: str) -> dict | None:
+    """The validation curve a run's interpolated model was chosen from (`<run>/interpolation/
+    interpolation.json`, beside the chosen `weight-<w>` model), or None for a plain export."""
+    path = storage.join(model_path.rstrip("/").rsplit("/", 1)[0], "interpolation.json")
+    record = storage.read_json(path) if storage.is_file(path) else None
+    chosen = [row for row in (record or {}).get("curve", []) if row["model"] == model_path]
+    return {**record, "best": chosen[0]} if chosen else None  # "best": the row this model is
+
+
 def interpolate_with_initial(tuned: str, config: Config, out_dir: str) -> str:
     """`train.interpolate_weights` after training: the run's model becomes (1 - w) x initial + w x
     trained for the weight `train.interpolate_rule` chooses on validation (one weight: that one); the

@@ -29,6 +29,7 @@ from raysys.train.checkpoint import EXPORT_DIR, verify_checkpoint
 from raysys.train.selection import selected_checkpoint
 from raysys.runtime import ensure_ray
 from raysys.summary import headline_table, print_summary
+from raysys.tune.interpolation import interpolation_record, write_curves_over_seeds
 from raysys.train.progress import train_with_progress as train  # train() with the driver's progress display
 from raysys.train.run import run_model, storage_dir
 
@@ -76,7 +77,7 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
             run_started = time.perf_counter()
             model_path = finished_run_model(run_config) if reuse_finished else None
             reused = model_path is not None
-            if model_path:
+            if reused:
                 print(f"[reproduce] {label}, seed {seed}: reusing the finished run {model_path}", flush=True)
             else:
                 print(f"[reproduce] {label}, seed {seed}", flush=True)
@@ -110,8 +111,6 @@ def reproduce(config: Config, seeds: list[int], eval_datasets: list[str] | None 
     appendix = seed_spread_markdown(per_seed) + cost_markdown(per_seed)
     curves = {label: run["curves"] for label, run in runs.items() if run.get("curves")}
     if curves:  # the whole validation curve of every run, not only the weights they chose
-        from raysys.tune.interpolation import write_curves_over_seeds
-
         appendix += write_curves_over_seeds(curves, str(out))["markdown"]
     paths = write_comparison(summaries, out, baseline="untrained", bootstrap=bootstrap,
                              appendix_md=appendix, extra_json={"per_seed": per_seed})
@@ -152,15 +151,6 @@ def seed_spread_markdown(per_seed: dict) -> str:
                 cells.append(f"{v.mean():.{digits}f} ± {sd:.{digits}f} ({v.min():.{digits}f}–{v.max():.{digits}f})")
             rows.append(f"| {label} | {name} | {len(results)} | " + " | ".join(cells) + " |")
     return "\n## Spread over seeds (mean ± sd, min–max)\n\n" + "\n".join(rows) + "\n"
-
-
-def interpolation_record(model_path: str) -> dict | None:
-    """The validation curve a run's interpolated model was chosen from (`<run>/interpolation/
-    interpolation.json`, beside the chosen `weight-<w>` model), or None for a plain export."""
-    path = storage.join(model_path.rstrip("/").rsplit("/", 1)[0], "interpolation.json")
-    record = storage.read_json(path) if storage.is_file(path) else None
-    chosen = [row for row in (record or {}).get("curve", []) if row["model"] == model_path]
-    return {**record, "best": chosen[0]} if chosen else None  # "best": the row this model is
 
 
 def learned_settings(config_dict: dict) -> dict:
