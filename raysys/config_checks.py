@@ -61,6 +61,9 @@ def check_train(t: "TrainConfig", fail: Callable[..., ConfigError]) -> None:
     if t.mini_batch_size is not None and t.mini_batch_size < 1:
         raise fail("train.mini_batch_size", f"{t.mini_batch_size} is below 1",
                    "use a positive number of pairs, e.g. 32, or null for no gradient caching")
+    if t.length_groups < 1:
+        raise fail("train.length_groups", f"{t.length_groups} is below 1",
+                   "use 1 for one forward per batch, or e.g. 4 groups of similar length")
     if t.max_failures < 0:
         raise fail("train.max_failures", f"{t.max_failures} is negative", "use 0 or more")
     if not t.lr > 0:

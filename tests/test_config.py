@@ -24,7 +24,7 @@ def test_recipe_config_bundles_its_levers():
     assert 0.0 in recipe.train.interpolate_weights and 1.0 in recipe.train.interpolate_weights
     # The default job's budget and schedule: the recipe differs from it only by its levers.
     learned, local_learned = learned_settings(recipe.to_dict()), learned_settings(local.to_dict())
-    levers = ("hard_negatives_per_pair", "cross_lingual_negatives", "temperature")
+    levers = ("hard_negatives_per_pair", "cross_lingual_negatives", "temperature", "length_groups")
     assert {k: v for k, v in learned["train"].items() if k not in levers} == \
         {k: v for k, v in local_learned["train"].items() if k not in levers}
     assert {k: v for k, v in learned["data"].items() if k != "hard_negatives"} == \

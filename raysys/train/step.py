@@ -15,6 +15,12 @@ Two ways to the same gradient:
 Dropout is seeded per (batch, mini-batch): the graph pass replays the embedding pass's masks.
 Both return the loss and accuracy as device tensors; nothing here syncs with the host.
 
+With `train.length_groups` > 1 each forward of candidates runs in groups of similar token length
+(`LengthGroups`, planned on the host), each padded only to its own longest row, and the embeddings
+are put back in order: the same function of the parameters with fewer padded tokens (4 groups:
+~1.9x fewer on batches of 32 XQuAD-R sentences). Dropout masks are drawn per group, so a run is
+not bit-identical to one with 1 group.
+
 With `train.distill_weight` > 0 a frozen teacher (the initial model, in eval mode) embeds the
 same tokens of a monolingual batch, and the similarity-distillation term joins the loss; in the
 cached step its embeddings are made in the no-graph pass, so the term's gradient reaches the
@@ -22,6 +28,8 @@ parameters through the cached embedding gradients like InfoNCE's.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,8 +54,13 @@ def train_step(engine, batch, train: TrainConfig, seed: int, tokens: Tokens | No
     if tokens is None:
         tokens = batch_tokens(engine.module.tokenize, batch, train.mini_batch_size)
     device = engine.device
-    chunks = [tuple({k: v.to(device, non_blocking=True) for k, v in part.items()} for part in chunk)
-              for chunk in tokens]
+    # Planned from the host tensors (no device sync), carried with each mini-batch's candidates.
+    plans = [LengthGroups.plan(candidates["attention_mask"], train.length_groups) for _, candidates in tokens]
+    def to_device(part: dict) -> dict:
+        return {k: v.to(device, non_blocking=True) for k, v in part.items()}
+
+    chunks = [(to_device(queries), to_device(candidates), plan.to(device) if plan else None)
+              for (queries, candidates), plan in zip(tokens, plans)]
     if teacher is None or not train.distill_weight > 0 or batch.plan.kind != MONO:
         teacher = None
     keys = text_keys(batch, device) if train.mask_duplicate_positives else None
@@ -78,15 +91,51 @@ def batch_tokens(tokenize, batch, mini_batch_size: int | None) -> Tokens:
     return tokens
 
 
-def _embed(engine, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
-    return (engine(queries["input_ids"], queries["attention_mask"]),
-            engine(candidates["input_ids"], candidates["attention_mask"]))
+@dataclass
+class LengthGroups:
+    """Rows of a padded batch sorted by token count and cut into groups: `rows[g]` are group g's
+    row indices, `columns[g]` the (start, stop) of the columns any of them uses (either padding
+    side), `inverse` puts the concatenated group outputs back in the batch's row order."""
+    rows: list[torch.Tensor]
+    columns: list[tuple[int, int]]
+    inverse: torch.Tensor
+
+    @classmethod
+    def plan(cls, attention_mask: torch.Tensor, groups: int) -> "LengthGroups | None":
+        """None when one forward is asked for (or there are fewer than two rows)."""
+        groups = min(groups, attention_mask.size(0))
+        if groups <= 1:
+            return None
+        used = attention_mask.bool()
+        order = torch.argsort(used.sum(1), stable=True)
+        rows = [part for part in torch.tensor_split(order, groups) if len(part)]
+        columns = []
+        for part in rows:
+            any_row = used[part].any(0).nonzero().flatten()
+            columns.append((int(any_row[0]), int(any_row[-1]) + 1) if len(any_row) else (0, 1))
+        return cls(rows, columns, torch.argsort(order))
+
+    def to(self, device) -> "LengthGroups":
+        return LengthGroups([r.to(device, non_blocking=True) for r in self.rows], self.columns,
+                            self.inverse.to(device, non_blocking=True))
 
 
-def _teacher_embed(teacher, queries, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_tokens(model, tokens: dict, groups: LengthGroups | None = None) -> torch.Tensor:
+    """`model(input_ids, attention_mask)`, in length groups when a plan is given."""
+    if groups is None:
+        return model(tokens["input_ids"], tokens["attention_mask"])
+    parts = [model(tokens["input_ids"][rows, start:stop], tokens["attention_mask"][rows, start:stop])
+             for rows, (start, stop) in zip(groups.rows, groups.columns)]
+    return torch.cat(parts)[groups.inverse]
+
+
+def _embed(engine, queries, candidates, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
+    return embed_tokens(engine, queries), embed_tokens(engine, candidates, groups)
+
+
+def _teacher_embed(teacher, queries, candidates, groups=None) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        return (teacher(queries["input_ids"], queries["attention_mask"]),
-                teacher(candidates["input_ids"], candidates["attention_mask"]))
+        return embed_tokens(teacher, queries), embed_tokens(teacher, candidates, groups)
 
 
 def _loss(q_emb, passages, negatives, train: TrainConfig, teacher_emb=None, keys=None):
@@ -126,15 +175,15 @@ def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=No
     # 1. Embeddings without a graph, mini-batch by mini-batch (and the teacher's, if any).
     q_parts, p_parts, n_parts, teacher_parts = [], [], [], []
     with torch.no_grad():
-        for index, (queries, candidates) in enumerate(chunks):
+        for index, (queries, candidates, groups) in enumerate(chunks):
             torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
-            q, c = _embed(engine, queries, candidates)
+            q, c = _embed(engine, queries, candidates, groups)
             size = q.size(0)
             q_parts.append(q)
             p_parts.append(c[:size])
             n_parts.append(c[size:])
             if teacher is not None:
-                t_q, t_c = _teacher_embed(teacher, queries, candidates)
+                t_q, t_c = _teacher_embed(teacher, queries, candidates, groups)
                 teacher_parts.append((t_q, t_c[:size]))
     # 2. The loss over the (gathered) global batch and its gradient w.r.t. this worker's embeddings;
     #    the gather's backward hands each worker the gradient of every worker's queries on its candidates.
@@ -150,9 +199,9 @@ def cached_step(engine, batch, chunks, train: TrainConfig, seed: int, teacher=No
     #    gradients flow into the parameters. DeepSpeed divides by its accumulation count, which
     #    counts mini-batches, so each surrogate is scaled by the gradient-accumulation steps only.
     scale = 1.0 / train.gradient_accumulation_steps
-    for index, ((queries, candidates), (start, stop)) in enumerate(zip(chunks, bounds)):
+    for index, ((queries, candidates, groups), (start, stop)) in enumerate(zip(chunks, bounds)):
         torch.manual_seed(seed + index * 2**40)  # mini-batch 0: the plain step's seed
-        q, c = _embed(engine, queries, candidates)
+        q, c = _embed(engine, queries, candidates, groups)
         c_grad = p_all.grad[start:stop]
         if has_negatives:
             k = batch.negatives_per_pair

@@ -1,6 +1,6 @@
 """Gradient caching under DeepSpeed: the cached step's update equals the plain step's on the same
 global batch (1 and 2 gloo workers, ZeRO 0/2/3, hard negatives, accumulation, clipping), dropout
-is replayed, and the export takes DeepSpeed's fp32 master weights."""
+is replayed, length groups change no update, and the export takes DeepSpeed's fp32 master weights."""
 
 from __future__ import annotations
 
@@ -14,8 +14,11 @@ import torch.multiprocessing as mp
 
 from tests.fixtures.processes import free_port
 
-TEXTS = ["the cat sat", "ein Hund lief", "le train part", "el sol brilla", "il mare blu", "o livro velho",
-         "de boom groeit", "ett hus stod", "a red door", "eine alte Uhr", "un petit pont", "una casa fría"]
+# Lengths from 3 to 14 words: length groups have different widths.
+TEXTS = ["the cat sat", "ein Hund lief", "le train part durant la nuit vers la mer et la ville", "el sol brilla",
+         "il mare blu", "o livro velho", "de boom groeit langzaam naast het oude huis", "ett hus stod",
+         "a red door in a long grey wall at the end of the narrow old street", "eine alte Uhr",
+         "un petit pont", "una casa fría"]
 
 
 def hybrid_batch(rank: int, world: int, global_batch: int, step: int, kind: str = "mono", negatives: int = 1):
@@ -76,9 +79,12 @@ def _worker(rank, world, port, model_dir, overrides, out_dir):
         from raysys.model.encoder import BiEncoder
 
         teacher = BiEncoder.from_pretrained(teacher_dir).eval().requires_grad_(False)
+    # Two arms on the same batches: the reference (one forward per batch) and the compared one
+    # (gradient caching in mini-batches, and/or `compared` settings such as length groups).
+    mini, compared = overrides.pop("mini_batch_size"), overrides.pop("compared", {})
     updates = {}
-    for arm, mini in (("plain", None), ("cached", overrides.pop("mini_batch_size"))):
-        train = TrainConfig(**overrides, mini_batch_size=mini, num_workers=world)
+    for arm, settings in (("reference", {"mini_batch_size": None}), ("compared", {"mini_batch_size": mini, **compared})):
+        train = TrainConfig(**overrides, **settings, num_workers=world)
         engine = engine_for(model_dir, train, world, dropout)
         before = full_parameters(engine)
         losses = []
@@ -102,12 +108,12 @@ def run_both_arms(tiny_model_dir, tmp_path, world: int, **overrides) -> dict:
 
 
 def assert_same_update(updates: dict, rtol: float = 1e-5) -> None:
-    plain = torch.cat([torch.tensor(v) for v in updates["plain"].values()])
-    cached = torch.cat([torch.tensor(v) for v in updates["cached"].values()])
-    assert plain.norm() > 0
-    relative = ((cached - plain).norm() / plain.norm()).item()
-    assert relative <= rtol, f"cached update differs from the plain one by {relative:.2e} (relative)"
-    assert updates["cached_losses"] == pytest.approx(updates["plain_losses"], rel=1e-6)
+    reference = torch.cat([torch.tensor(v) for v in updates["reference"].values()])
+    compared = torch.cat([torch.tensor(v) for v in updates["compared"].values()])
+    assert reference.norm() > 0
+    relative = ((compared - reference).norm() / reference.norm()).item()
+    assert relative <= rtol, f"the compared update differs from the reference one by {relative:.2e} (relative)"
+    assert updates["compared_losses"] == pytest.approx(updates["reference_losses"], rel=1e-6)
 
 
 @pytest.mark.parametrize("world,zero_stage,clipping,negatives", [(1, 0, 0.0, 1), (2, 2, 0.05, 1), (2, 3, 0.0, 3)])
@@ -146,9 +152,47 @@ def test_distillation_toward_a_teacher_in_both_steps_and_on_monolingual_batches_
         (tmp_path / name).mkdir()
         runs[name] = run_both_arms(tiny_model_dir, tmp_path / name, 1, **common, **extra)
     assert_same_update(runs["mono"])
-    flat = {name: torch.cat([torch.tensor(v) for v in run["plain"].values()]) for name, run in runs.items()}
+    flat = {name: torch.cat([torch.tensor(v) for v in run["reference"].values()]) for name, run in runs.items()}
     assert (flat["mono"] - flat["mono_without"]).norm() > 1e-3 * flat["mono_without"].norm()
     assert torch.equal(flat["cross"], flat["cross_without"])
+
+
+@pytest.mark.parametrize("world,zero_stage,mini_batch_size", [(1, 0, None), (2, 3, 4)])
+def test_length_groups_give_the_update_of_one_forward(tiny_model_dir, tmp_path, world, zero_stage, mini_batch_size):
+    """Candidates forwarded in 3 length groups (each padded to its own longest, put back in order)
+    give one forward's loss and update: plain step on 1 worker, and cached mini-batches of 4 pairs
+    with 2 negatives each under ZeRO-3 on 2 workers (groups planned per mini-batch)."""
+    updates = run_both_arms(tiny_model_dir, tmp_path, world, global_batch_size=6 * world,
+                            mini_batch_size=mini_batch_size, compared={"length_groups": 3}, zero_stage=zero_stage,
+                            gradient_clipping=0.0, precision="fp32", negatives=2)
+    assert_same_update(updates)
+
+
+def test_length_groups_plan_sorts_rows_and_trims_padding_on_either_side():
+    from raysys.train.step import LengthGroups
+
+    lengths = [5, 2, 7, 3, 1]
+    right = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
+    plan = LengthGroups.plan(right, 2)
+    assert [r.tolist() for r in plan.rows] == [[4, 1, 3], [0, 2]] and plan.columns == [(0, 3), (0, 7)]
+    order = torch.cat(plan.rows)
+    assert torch.equal(order[plan.inverse], torch.arange(5))
+    left = right.flip(1)
+    assert LengthGroups.plan(left, 2).columns == [(4, 7), (0, 7)]
+    assert LengthGroups.plan(right, 1) is None and LengthGroups.plan(right[:1], 4) is None
+    assert len(LengthGroups.plan(right, 9).rows) == 5  # never more groups than rows
+
+
+def test_embeddings_in_length_groups_equal_one_forward(tiny_model_dir):
+    from raysys.model.encoder import BiEncoder
+    from raysys.train.step import LengthGroups, embed_tokens
+
+    model = BiEncoder.from_pretrained(str(tiny_model_dir)).eval()
+    tokens = model.tokenize(TEXTS, "passage")
+    plan = LengthGroups.plan(tokens["attention_mask"], 4)
+    assert len({stop - start for start, stop in plan.columns}) > 1  # the groups really are narrower
+    with torch.no_grad():
+        torch.testing.assert_close(embed_tokens(model, tokens, plan), embed_tokens(model, tokens), rtol=1e-5, atol=1e-6)
 
 
 def _export_worker(rank, world, port, model_dir, out_dir):
